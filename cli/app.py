@@ -1,0 +1,45 @@
+"""The ``kdcompress`` command: thin commands that parse, call one library function, render."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from kdcompress.cli import evaluate as evaluate_cmd
+from kdcompress.cli import train as train_cmd
+from kdcompress.cli import zoo as zoo_cmd
+
+app = typer.Typer(
+    name="kdcompress",
+    help="Distill segmentation teachers into small students and ship them as verified artifacts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("train")(train_cmd.train)
+app.command("distill")(train_cmd.distill)
+app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("models")(zoo_cmd.models)
+app.command("taps")(zoo_cmd.taps)
+
+
+def main() -> None:
+    """Entry point: KdError -> one red line and its exit code (traceback with KDCOMPRESS_DEBUG=1)."""
+    from kdcompress.errors import KdError
+
+    try:
+        app()
+    except KdError as e:
+        if os.environ.get("KDCOMPRESS_DEBUG"):
+            raise
+        from kdcompress.cli.common import err_console
+
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print("[dim]set KDCOMPRESS_DEBUG=1 for the traceback[/]", highlight=False)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

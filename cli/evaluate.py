@@ -1,0 +1,38 @@
+"""``kdcompress evaluate``: checkpoint + dataset -> mIoU, pixel accuracy, mean class accuracy, per-class IoU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdcompress.cli.common import DataName, DataRoot, Device, Json, NoProgress, console, print_json
+
+
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Model checkpoint (model.pt) from train or distill.")],
+    data: DataName = None, data_root: DataRoot = None,
+    split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate.")] = "val",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 8,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", help="Evaluate the first N images only.")] = None,
+    device: Device = None, json_: Json = False, no_progress: NoProgress = False,
+) -> None:
+    """Evaluate a checkpoint on a dataset split (defaults: the dataset it was trained on)."""
+    from kdcompress.engine.evaluation import evaluate_checkpoint
+
+    report = evaluate_checkpoint(checkpoint, data=data, data_root=data_root, split=split, batch_size=batch_size,
+                                 max_images=max_images, device=device or "auto", progress=not (no_progress or json_))
+    if json_:
+        print_json(report)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{report['arch']} on {report['dataset']}/{report['split']} ({report['images']} images)")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for name, iou in report["per_class_iou"].items():
+        table.add_row(name, "n/a" if iou is None else f"{100 * iou:.2f}")
+    console.print(table)
+    console.print(f"mIoU [bold]{100 * report['mIoU']:.2f}[/]  aAcc {100 * report['aAcc']:.2f}  "
+                  f"mAcc {100 * report['mAcc']:.2f}  ({report['wall_s']:.1f} s)")

@@ -1,0 +1,191 @@
+"""Typed run configuration: YAML recipe + dotted ``--set`` overrides, unknown keys rejected.
+
+A recipe is plain data (no object instantiation). Sections:
+
+* ``data``    – dataset name/root/options and augmentation (crop, scale range).
+* ``train``   – the schedule shared by every run of the recipe.
+* ``teacher`` / ``student`` – model name and per-role overrides of ``train`` keys.
+* ``distill`` – method, taps and hyperparameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from kdcompress.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None
+    crop_size: list[int] = field(default_factory=lambda: [96, 96])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the dataset builder
+    workers: int = 0
+    val_batch_size: int = 8
+    max_val_images: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # total optimizer steps; wins over epochs
+    epochs: int | None = None
+    batch_size: int = 16  # global batch (split across DDP ranks)
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "poly"  # poly | cosine | onecycle
+    power: float = 0.9
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    amp: bool = True  # used on CUDA only
+    val_every: int = 0  # 0: only at the end
+    ckpt_every: int = 0  # 0: only at the end
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class ModelConfig:
+    model: str = "deeplabv3plus-mbv2"
+    output_stride: int | None = None
+    pretrained: bool = False
+    train: dict[str, Any] = field(default_factory=dict)  # overrides of TrainConfig keys for this role
+
+
+@dataclass
+class DistillConfig:
+    method: str = "none"
+    taps: list[str] | None = None
+    hparams: dict[str, float] = field(default_factory=dict)
+    teacher_checkpoint: str | None = None
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(model="deeplabv3plus-r101"))
+    student: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    pipeline: dict[str, Any] = field(default_factory=dict)  # stage options for `kdcompress pipeline`
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where or 'recipe'}' must be a mapping, got {type(data).__name__}.")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(f'{where}.{k}'.lstrip('.')) for k in unknown)} "
+            f"in recipe. Valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        t = hints[k]
+        kwargs[k] = _build(t, v, f"{where}.{k}".lstrip(".")) if dataclasses.is_dataclass(t) else v
+    return cls(**kwargs)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    recipe = _build(Recipe, data or {}, "")
+    validate_train(recipe.train)
+    return recipe
+
+
+def validate_train(t: TrainConfig) -> None:
+    if t.optimizer not in ("sgd", "adamw"):
+        raise ConfigError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}.")
+    if t.schedule not in ("poly", "cosine", "onecycle"):
+        raise ConfigError(f"train.schedule must be poly, cosine or onecycle, got {t.schedule!r}.")
+    if t.steps is None and t.epochs is None:
+        raise ConfigError("Set train.steps or train.epochs (e.g. --steps 1000).")
+    if t.batch_size < 1 or t.lr <= 0:
+        raise ConfigError("train.batch_size must be >= 1 and train.lr > 0.")
+
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a preset shipped in profiles/recipes/."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"Recipe file '{p}' does not exist.")
+        return p
+    pkg = importlib.resources.files("kdcompress.profiles") / "recipes" / f"{name_or_path}.yaml"
+    if not pkg.is_file():
+        raise ConfigError(f"Unknown recipe '{name_or_path}'. Built-in recipes: {', '.join(list_presets('recipes'))}, "
+                          f"or pass a path to a .yaml file.")
+    return Path(str(pkg))
+
+
+def list_presets(kind: str) -> list[str]:
+    root = importlib.resources.files("kdcompress.profiles") / kind
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Recipe '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"Recipe '{path}' must be a YAML mapping at top level.")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"Cannot set '{key}': '{part}' is not a section.")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _split(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"Override '{item}' must look like key.sub=value (e.g. --set train.lr=0.01).")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_recipe(name_or_path: str | None, overrides: list[str] | dict[str, Any] = ()) -> Recipe:
+    data = load_yaml(recipe_path(name_or_path)) if name_or_path else {}
+    apply_overrides(data, overrides)
+    return recipe_from_dict(data)
+
+
+def role_train(recipe: Recipe, role: str) -> TrainConfig:
+    """The recipe's ``train`` section with the role's overrides applied (checked)."""
+    base = asdict(recipe.train)
+    mc: ModelConfig = getattr(recipe, role)
+    unknown = sorted(set(mc.train) - set(base))
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {', '.join(unknown)} in {role}.train. Valid keys: {', '.join(sorted(base))}")
+    base.update(mc.train)
+    t = TrainConfig(**base)
+    validate_train(t)
+    return t
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.safe_dump(asdict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=False)

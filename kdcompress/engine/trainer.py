@@ -1,0 +1,424 @@
+"""One training loop for teachers, plain students and distilled students.
+
+Design points:
+
+* Steps, not epochs, drive the loop; the sampler is a pure function of (seed, epoch, rank), and
+  each sample's augmentation is seeded by (seed, epoch, index). A resumed run therefore sees
+  exactly the batches the uninterrupted run would have seen, without replaying the loader.
+* The model checkpoint (``model.pt``) holds the student's weights alone plus metadata; the
+  resumable state (``state.pt``) holds optimizer, scheduler, step, RNG states and the
+  distillation method's own modules. Both are written atomically, model first.
+* Under ``torchrun`` the student and the method are wrapped together in DDP; the frozen
+  teacher runs under ``no_grad`` outside it. Rank 0 alone logs and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+import kdcompress
+from kdcompress.config import DataConfig, Recipe, TrainConfig, role_train, to_yaml
+from kdcompress.data import build_dataset, dataset_info, seg_collate, train_transform, val_transform
+from kdcompress.engine import distributed as dist_utils
+from kdcompress.engine.checkpoint import (
+    load_model,
+    load_state,
+    save_model_checkpoint,
+    save_state,
+    atomic_write_text,
+)
+from kdcompress.engine.evaluate import evaluate_model
+from kdcompress.errors import ConfigError, KdError, NonFiniteLossError
+from kdcompress.models import build_model, resolve_model_name
+from kdcompress.taps import record, tap_shapes
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` keys: a seeded permutation per epoch, sharded by rank.
+
+    Starting at any step is free (``start_batch``), which is what makes resume exact.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, start_step: int) -> None:
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_rank = n // world
+        self.steps_per_epoch = self.per_rank // batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"Training split has {n} images: too few for batch size {batch_size * world}. "
+                              f"Lower train.batch_size or add data.")
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        step = self.start_step
+        while True:
+            epoch, within = divmod(step, self.steps_per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)[: self.per_rank * self.world]
+            mine = perm[self.rank::self.world].tolist()
+            for b in range(within, self.steps_per_epoch):
+                for i in mine[b * self.batch:(b + 1) * self.batch]:
+                    yield epoch, i
+            step = (epoch + 1) * self.steps_per_epoch
+
+
+class SeededAugment(Dataset):
+    """Seeds each sample's augmentation from (seed, epoch, index) without touching global RNG."""
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, idx = key
+        state = random.getstate()
+        random.seed((self.seed * 1_000_003 + epoch) * 10_000_019 + idx)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 7919 + epoch) * 1_000_003 + idx)
+                return self.base[idx]
+        finally:
+            random.setstate(state)
+
+
+def data_options(data: DataConfig) -> dict[str, Any]:
+    return dict(data.options)
+
+
+def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset]:
+    crop = tuple(data.crop_size)
+    if len(crop) != 2:
+        raise ConfigError(f"data.crop_size must be [H, W], got {data.crop_size}.")
+    train = build_dataset(data.name, data.root, "train",
+                          train_transform(crop, tuple(data.scale_range), data.flip), **data_options(data))
+    val = build_dataset(data.name, data.root, "val", val_transform(), **data_options(data))
+    return train, val
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_lambda(t: TrainConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at a step: poly / cosine with optional linear warm-up, or one-cycle."""
+
+    def fn(step: int) -> float:
+        if t.schedule == "onecycle":
+            peak = max(1, int(0.3 * total))
+            if step < peak:
+                return 1 / 25 + (1 - 1 / 25) * step / peak
+            p = (step - peak) / max(1, total - peak)
+            return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        p = min(1.0, step / max(1, total))
+        if t.schedule == "poly":
+            return (1 - p) ** t.power
+        return 0.5 * (1 + math.cos(math.pi * p))
+
+    return fn
+
+
+def build_optimizer(params: list[nn.Parameter], t: TrainConfig) -> torch.optim.Optimizer:
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+# ----------------------------------------------------------------------------- model + method
+
+
+class TrainTask(nn.Module):
+    """Student (+ distillation method) as one module so DDP syncs both; returns named loss terms."""
+
+    def __init__(self, student: nn.Module, method: nn.Module | None, taps: list[str], ignore_index: int) -> None:
+        super().__init__()
+        self.student, self.method = student, method
+        self.taps, self.ignore_index = taps, ignore_index
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                teacher_feats: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        if self.method is None:
+            logits = self.student(images)
+            return {"task": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
+        with record(self.student, self.taps) as feats:
+            logits = self.student(images)
+            terms = {"task": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
+            if teacher_feats is not None:
+                terms.update(self.method(dict(feats), teacher_feats))
+        return terms
+
+
+def load_teacher(path: str, num_classes: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    teacher, meta = load_model(path, device)
+    if int(meta["num_classes"]) != num_classes:
+        raise KdError(f"Teacher '{path}' predicts {meta['num_classes']} classes but the dataset has {num_classes}. "
+                      f"Use a teacher trained on this dataset.")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval(), meta
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_path: Path
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse to mix two runs in one folder; check it is writable before any work."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (resume or force):
+        raise KdError(f"Output folder '{out_dir}' already holds a run. Pass --resume to continue it, "
+                      f"--force to overwrite, or choose another --out.")
+    if resume and not (out_dir / STATE_FILE).is_file():
+        raise KdError(f"Nothing to resume in '{out_dir}' (no {STATE_FILE}). Drop --resume to start a new run.")
+    if dist_utils.is_main():
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise KdError(f"Output folder '{out_dir}' is not writable ({e.strerror}). Choose another --out.") from None
+        if force and not resume:
+            for name in (MODEL_FILE, STATE_FILE, LOG_FILE, CONFIG_FILE):
+                (out_dir / name).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = False, force: bool = False,
+          progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train ``recipe.<role>.model`` (distilling from the recipe's teacher if ``role == 'student'``
+    and ``recipe.distill.method`` is not ``none``). Returns where the model checkpoint is."""
+    from kdcompress.methods import METHODS, build_method
+
+    if role not in ("teacher", "student"):
+        raise ConfigError(f"role must be 'teacher' or 'student', got {role!r}.")
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    tcfg = role_train(recipe, role)
+    mcfg = getattr(recipe, role)
+    device = dist_utils.resolve_device(tcfg.device)
+    rank, world = dist_utils.init_distributed(device)
+    if tcfg.batch_size % world:
+        raise ConfigError(f"train.batch_size {tcfg.batch_size} is not divisible by the {world} processes.")
+    prepare_out_dir(out_dir, resume, force)
+    dist_utils.barrier()
+    seed_everything(tcfg.seed)
+
+    info = dataset_info(recipe.data.name, **data_options(recipe.data))
+    train_set, val_set = build_datasets(recipe.data)
+
+    distill = recipe.distill if role == "student" else None
+    method_name = distill.method if distill else "none"
+    method_cls = METHODS.get(method_name)
+    arch = resolve_model_name(mcfg.model, recipe.teacher.model)
+    student = build_model(arch, info.num_classes, mcfg.output_stride, mcfg.pretrained).to(device)
+
+    teacher, method, taps = None, None, []
+    teacher_meta: dict[str, Any] = {}
+    if method_cls.needs_teacher:
+        if not distill or not distill.teacher_checkpoint:
+            raise ConfigError(f"Method '{method_name}' needs a teacher checkpoint: pass --teacher PATH.")
+        teacher, teacher_meta = load_teacher(distill.teacher_checkpoint, info.num_classes, device)
+    if method_name != "none":
+        taps = list(distill.taps) if distill and distill.taps else list(method_cls.default_taps)
+        crop = tuple(recipe.data.crop_size)
+        s_shapes = tap_shapes(student, crop, taps, batch=1)
+        t_shapes = tap_shapes(teacher, crop, taps, batch=1) if teacher is not None else s_shapes
+        method = build_method(method_name, s_shapes, t_shapes, info.num_classes, taps=taps,
+                              **(distill.hparams if distill else {})).to(device)
+
+    task = TrainTask(student, method, taps, info.ignore_index).to(device)
+    model: nn.Module = task
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+
+    params = [p for p in task.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, tcfg)
+    per_rank_batch = tcfg.batch_size // world
+    steps_per_epoch = (len(train_set) // world) // per_rank_batch
+    total = tcfg.steps if tcfg.steps is not None else tcfg.epochs * max(1, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total))
+    use_amp = tcfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    step = 0
+    if resume:
+        state = load_state(out_dir / STATE_FILE)
+        if state.get("arch") != arch or state.get("method") != method_name:
+            raise KdError(f"'{out_dir / STATE_FILE}' belongs to a {state.get('arch')}/{state.get('method')} run, "
+                          f"not {arch}/{method_name}. Use the matching options or another --out.")
+        task.load_state_dict(state["task"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        _set_rng_state(state["rng"])
+
+    meta = {
+        "arch": arch, "num_classes": info.num_classes, "output_stride": student.output_stride,
+        "class_names": list(info.class_names), "mean": list(train_set.transform.mean),
+        "std": list(train_set.transform.std), "input_size": list(recipe.data.crop_size),
+        "ignore_index": info.ignore_index, "dataset": recipe.data.name, "data_root": recipe.data.root,
+        "data_options": data_options(recipe.data), "role": role, "method": method_name,
+        "teacher": teacher_meta.get("arch"), "recipe": recipe.name, "kdcompress_version": kdcompress.__version__,
+    }
+    if dist_utils.is_main():
+        atomic_write_text(out_dir / CONFIG_FILE, to_yaml(asdict(recipe) | {"resolved": {
+            "role": role, "model": arch, "train": asdict(tcfg), "taps": taps, "world_size": world}}))
+
+    sampler = EpochSampler(len(train_set), per_rank_batch, tcfg.seed, rank, world, step)
+    loader = DataLoader(SeededAugment(train_set, tcfg.seed), batch_size=per_rank_batch, sampler=sampler,
+                        num_workers=recipe.data.workers, collate_fn=seg_collate, drop_last=True,
+                        pin_memory=device.type == "cuda", persistent_workers=recipe.data.workers > 0,
+                        generator=torch.Generator().manual_seed(tcfg.seed))  # keeps the global RNG untouched
+
+    def save(metrics: dict[str, Any]) -> Path:
+        m = save_model_checkpoint(out_dir / MODEL_FILE, task.student, meta | {"step": step, "metrics": metrics})
+        save_state(out_dir / STATE_FILE, {
+            "arch": arch, "method": method_name, "step": step, "task": task.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": _rng_state(),
+        })
+        return m
+
+    def validate() -> dict[str, Any]:
+        res = evaluate_model(task.student, val_set, info.num_classes, info.ignore_index,
+                             recipe.data.val_batch_size, device, recipe.data.max_val_images, progress=False,
+                             amp=use_amp)
+        out = res.as_dict(info.class_names)
+        log({"step": step, "val": out})
+        return out
+
+    log_path = out_dir / LOG_FILE
+
+    def log(entry: dict[str, Any]) -> None:
+        if dist_utils.is_main():
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    teacher_taps = taps if teacher is not None else []
+    last_metrics: dict[str, Any] = {}
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn(f"[bold]{role}[/] {arch}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[terms]}")]
+    task.train()
+    window_t, window_imgs = time.perf_counter(), 0
+    with Progress(*columns, disable=not (progress and dist_utils.is_main())) as bar:
+        ptask = bar.add_task("train", total=total, completed=step, terms="")
+        batches = iter(loader)
+        while step < total:
+            images, labels = next(batches)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                t_feats = None
+                if teacher is not None:
+                    with torch.no_grad(), record(teacher, teacher_taps) as tf:
+                        teacher(images)
+                        t_feats = {k: v.detach() for k, v in tf.items()}
+                terms = model(images, labels, t_feats)
+            weights = method.loss_weights() if method is not None else {}
+            loss = sum(weights.get(k, 1.0) * v.float() for k, v in terms.items())
+            bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+            if dist_utils.any_true(bool(bad), device):
+                kept = f"last good checkpoint: {out_dir / MODEL_FILE}" if (out_dir / MODEL_FILE).exists() \
+                    else "no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"Loss term '{bad[0] if bad else '?'}' became non-finite at step {step + 1} ({kept}). "
+                    f"Lower train.lr or the term's weight, or set train.grad_clip.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tcfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            window_imgs += images.shape[0] * world
+            logs = {k: float(v.detach()) for k, v in terms.items()}
+            if step % 10 == 0 or step == total:
+                logs = dist_utils.all_reduce_mean(logs, device)
+                now = time.perf_counter()
+                ips = window_imgs / max(now - window_t, 1e-9)
+                window_t, window_imgs = now, 0
+                bar.update(ptask, terms=" ".join(f"{k} {v:.3f}" for k, v in logs.items()) + f" | {ips:.1f} img/s")
+                log({"step": step, "lr": scheduler.get_last_lr()[0], "img_s": ips, **logs})
+            bar.update(ptask, completed=step)
+            if on_step is not None:
+                on_step(step, logs)
+            is_val = tcfg.val_every and step % tcfg.val_every == 0 and step < total
+            if is_val:
+                last_metrics = validate()
+                task.train()
+            if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < total:
+                if dist_utils.is_main():
+                    save(last_metrics)
+                dist_utils.barrier()
+    last_metrics = validate()
+    model_path = out_dir / MODEL_FILE
+    if dist_utils.is_main():
+        model_path = save(last_metrics)
+    dist_utils.barrier()
+    return TrainResult(out_dir, model_path, step, last_metrics, time.perf_counter() - t0)

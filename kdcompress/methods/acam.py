@@ -1,0 +1,232 @@
+"""ACAM-KD: adaptive and cooperative attention masking (Tian & Lan, eq. 1–8).
+
+STCA-FF fuses the two maps with cross-attention (teacher = query, aligned student = key and
+value); ASCM turns the fused map into M spatial and M channel masks from learnable units, which
+weight the squared teacher–student difference; a Dice-style diversity term keeps masks apart.
+
+Attention goes through ``F.scaled_dot_product_attention`` so the HW×HW matrix is never formed.
+V (C wide) is wider than Q/K (C_q = C/2), which makes SDPA silently fall back to the
+materialising math kernel; ``fused_attention`` avoids that by splitting V into heads of width
+C_q that share one expanded Q/K (when C_q divides C) or by zero-padding Q/K to V's width
+(otherwise, e.g. 19 classes: cheaper than padding V to 3 heads of 9). Zero columns add nothing
+to QKᵀ, and the scale 1/√C_q is passed explicitly, so both are exact.
+
+Decisions on the points the paper leaves open (spec defaults):
+
+* Channel units are M×C (the paper's m^c ∈ R^M would give masks equal up to scale).
+* Masks weight the difference linearly (Σ M·D / Σ M). The paper's ‖M ⊙ (F^T − F^S)‖² literally
+  weights by M², as MasKD does: ``mask_power=2`` switches to that (normaliser stays Σ M).
+* Masks receive the distillation gradient as well as the diversity one (the paper: masks adapt
+  as the student learns); ``mask_distill_grad=0`` detaches them inside L_c and L_s.
+* Several taps (e.g. FPN levels) get one module each and their terms are summed, as detection
+  distillers sum over levels.
+* M = number of classes on a ``logits`` tap, 6 on any other tap; ``m`` overrides both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdcompress.errors import ConfigError
+from kdcompress.methods.base import (
+    DistillMethod,
+    Shapes,
+    at_least_fp32,
+    conv1x1,
+    resize_to,
+)
+
+#: Masks per level on feature (non-logits) taps, the paper's detection setting.
+DEFAULT_FEATURE_MASKS = 6
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale) v with the L×S matrix materialised. q: B×L×Dq, k: B×S×Dq, v: B×S×Dv."""
+    return torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1).bmm(v)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Same value as ``naive_attention`` through SDPA's fused (non-materialising) kernels.
+
+    Fused kernels need one width for q, k and v; see the module docstring for the two exact
+    ways used to get there. Fused kernels also need a unit stride on the last dimension, which
+    a transposed conv output (B×HW×C view of B×C×HW) lacks: such inputs are copied (linear).
+    """
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dq == dv:
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)
+        return out[:, 0]
+    if dv % dq == 0:
+        heads = dv // dq
+        vh = v.unflatten(-1, (heads, dq)).transpose(1, 2)  # B×h×S×dq
+        qh = q[:, None].expand(-1, heads, -1, -1)
+        kh = k[:, None].expand(-1, heads, -1, -1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)  # B×h×L×dq
+        return out.transpose(1, 2).flatten(2)
+    width = max(dq, dv)
+    qp = F.pad(q, (0, width - dq))
+    kp = F.pad(k, (0, width - dq))
+    vp = F.pad(v, (0, width - dv))
+    out = F.scaled_dot_product_attention(qp[:, None], kp[:, None], vp[:, None], scale=scale)
+    return out[:, 0, :, :dv]
+
+
+class STCAFusion(nn.Module):
+    """F_fused = softmax(Q Kᵀ / √C_q) V with Q = W_q F^T, K = W_k F^S', V = W_v F^S'."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.inner = max(1, channels // 2)
+        self.w_q = conv1x1(channels, self.inner, bias=True)
+        self.w_k = conv1x1(channels, self.inner, bias=True)
+        self.w_v = conv1x1(channels, channels, bias=True)
+        self.naive = False  # tests / benchmarks switch to the materialising formula
+
+    def forward(self, f_t: Tensor, f_s: Tensor) -> Tensor:
+        b, c, h, w = f_s.shape
+        q = self.w_q(f_t).flatten(2).transpose(1, 2)  # B×HW×C_q
+        k = self.w_k(f_s).flatten(2).transpose(1, 2)
+        v = self.w_v(f_s).flatten(2).transpose(1, 2)  # B×HW×C
+        attend = naive_attention if self.naive else fused_attention
+        out = attend(q, k, v, 1.0 / math.sqrt(self.inner))
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class MaskUnits(nn.Module):
+    """ASCM: M spatial masks sigmoid(m^s z) over HW and M channel masks sigmoid(m^c ⊙ v) over C."""
+
+    def __init__(self, channels: int, masks: int) -> None:
+        super().__init__()
+        self.spatial_units = nn.Parameter(torch.empty(masks, channels).normal_(0.0, 0.01))
+        self.channel_units = nn.Parameter(torch.empty(masks, channels).normal_(0.0, 0.01))
+
+    def forward(self, fused: Tensor) -> tuple[Tensor, Tensor]:
+        z = fused.flatten(2)  # B×C×HW
+        spatial = torch.sigmoid(torch.einsum("mc,bcp->bmp", self.spatial_units, z))
+        pooled = z.mean(dim=2)  # B×C
+        channel = torch.sigmoid(self.channel_units[None] * pooled[:, None, :])  # B×M×C
+        return spatial, channel
+
+
+def diversity(masks: Tensor) -> Tensor:
+    """Per sample Σ_{i≠j}⟨M_i, M_j⟩ / Σ_i ‖M_i‖² for B×M×L masks, via ‖Σ_i M_i‖² (linear memory)."""
+    own = masks.pow(2).sum(dim=(1, 2))
+    total = masks.sum(dim=1).pow(2).sum(dim=1)
+    return (total - own) / own
+
+
+class ACAMKD(DistillMethod):
+    """Terms acam_c, acam_s (weight α) and acam_div (weight λ), summed over taps."""
+
+    name: ClassVar[str] = "acam"
+    default_taps: ClassVar[tuple[str, ...]] = ("logits",)
+    default_hparams: ClassVar[dict[str, float]] = {
+        "alpha": 1.0,
+        "lambda": 1.0,
+        "m": 0.0,  # 0: automatic (num_classes on logits, 6 elsewhere)
+        "mask_power": 1.0,
+        "mask_distill_grad": 1.0,
+    }
+
+    def __init__(
+        self,
+        student_shapes: Shapes,
+        teacher_shapes: Shapes,
+        taps: Sequence[str],
+        num_classes: int,
+        **hparams: float,
+    ) -> None:
+        super().__init__(student_shapes, teacher_shapes, taps, num_classes, **hparams)
+        m = self.hparams["m"]
+        if m < 0 or m != int(m):
+            raise ConfigError(
+                f"hparam 'm' of method 'acam' must be a whole number ≥ 1 (0 = auto), got {m}"
+            )
+        if self.hparams["mask_power"] not in (1.0, 2.0):
+            raise ConfigError("hparam 'mask_power' of method 'acam' must be 1 or 2")
+        if self.hparams["mask_distill_grad"] not in (0.0, 1.0):
+            raise ConfigError("hparam 'mask_distill_grad' of method 'acam' must be 0 or 1")
+        self.align = nn.ModuleDict()
+        self.fusion = nn.ModuleDict()
+        self.masks = nn.ModuleDict()
+        self.num_masks: dict[str, int] = {}
+        for tap in self.taps:
+            c_s, c_t = self.student_shapes[tap][1], self.teacher_shapes[tap][1]
+            if m:
+                count = int(m)
+            elif tap == "logits":
+                count = self.num_classes
+            else:
+                count = DEFAULT_FEATURE_MASKS
+            self.num_masks[tap] = count
+            self.align[tap] = conv1x1(c_s, c_t, bias=True) if c_s != c_t else nn.Identity()
+            self.fusion[tap] = STCAFusion(c_t)
+            self.masks[tap] = MaskUnits(c_t, count)
+
+    def set_naive(self, naive: bool) -> None:
+        """Use the materialising softmax(QKᵀ)V everywhere (for tests and benchmarks)."""
+        for block in self.fusion.values():
+            block.naive = naive
+
+    def _masked_losses(
+        self, diff_sq: Tensor, spatial: Tensor, channel: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """L_c, L_s (eq. 6–7) from D = (F^T − F^S')² (B×C×HW) and the masks, batch-averaged."""
+        if not self.hparams["mask_distill_grad"]:
+            spatial, channel = spatial.detach(), channel.detach()
+        power = int(self.hparams["mask_power"])
+        c, hw = diff_sq.shape[1], diff_sq.shape[2]
+        per_position = diff_sq.sum(dim=1)  # B×HW: Σ_k D_kp
+        per_channel = diff_sq.sum(dim=2)  # B×C:  Σ_p D_kp
+        num_s = torch.einsum("bmp,bp->bm", spatial.pow(power), per_position)
+        num_c = torch.einsum("bmk,bk->bm", channel.pow(power), per_channel)
+        loss_s = (num_s / (c * spatial.sum(dim=2))).mean(dim=1)
+        loss_c = (num_c / (hw * channel.sum(dim=2))).mean(dim=1)
+        return loss_c.mean(), loss_s.mean()
+
+    def forward(  # type: ignore[override]
+        self, student_feats: Mapping[str, Tensor], teacher_feats: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        out: dict[str, list[Tensor]] = {"acam_c": [], "acam_s": [], "acam_div": []}
+        for tap in self.taps:
+            f_t = self._teacher(teacher_feats, tap)
+            f_s = resize_to(self.align[tap](student_feats[tap]), f_t)
+            fused = self.fusion[tap](f_t, f_s)
+            spatial, channel = self.masks[tap](at_least_fp32(fused))
+            diff_sq = (at_least_fp32(f_t) - at_least_fp32(f_s)).pow(2).flatten(2)
+            loss_c, loss_s = self._masked_losses(diff_sq, spatial, channel)
+            out["acam_c"].append(loss_c)
+            out["acam_s"].append(loss_s)
+            out["acam_div"].append((diversity(spatial) + diversity(channel)).mean())
+        return {name: torch.stack(values).sum() for name, values in out.items()}
+
+    def loss_weights(self) -> dict[str, float]:
+        a, lam = self.hparams["alpha"], self.hparams["lambda"]
+        return {"acam_c": a, "acam_s": a, "acam_div": lam}
+
+
+def inherit_from_teacher(
+    student: nn.Module, teacher: nn.Module, prefixes: Sequence[str] = ("neck", "head")
+) -> list[str]:
+    """ACAM-KD's "inheritance" (§4.1, detection): copy teacher weights into the student.
+
+    Every parameter and buffer under one of ``prefixes`` whose name and shape match on both
+    sides is copied; the copied names are returned so the caller can log them.
+    """
+    teacher_state = teacher.state_dict()
+    copied: list[str] = []
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            if not any(name == p or name.startswith(p + ".") for p in prefixes):
+                continue
+            source = teacher_state.get(name)
+            if source is not None and source.shape == tensor.shape:
+                tensor.copy_(source)
+                copied.append(name)
+    return copied

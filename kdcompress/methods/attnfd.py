@@ -1,0 +1,147 @@
+"""AttnFD: attention-guided feature distillation (Mansourian et al., eq. 5–6).
+
+Each distilled stage gets a CBAM on each side; the student map passes through its CBAM, a
+1×1 conv + BN adapter to the teacher's width and (if the strides differ) a bilinear resize;
+both refined maps are L2-normalised per sample and compared with a squared distance.
+
+Differences from the authors' public code, on purpose:
+
+* Normalisation is per sample (each C×H×W map by its own L2 norm) and the loss is the mean
+  over stages of the batch-averaged squared distance. The authors normalise the whole batch
+  tensor at once, *sum* over stages, divide by B and weight with λ = 2; their value then
+  depends on the batch size and on how a batch is split across DDP ranks. Ours does not.
+* The teacher runs frozen in eval mode under ``no_grad`` (the authors run it in train mode
+  with gradients).
+* Teacher-side CBAMs are frozen at a fixed-seed initialisation and kept in eval mode, so their
+  BatchNorm uses its initial running statistics instead of batch statistics; the target then
+  depends on the sample alone, identically on every DDP rank. The authors never optimise them
+  either, but leave them in train mode.
+* Student-side CBAMs train completely, channel MLP included (the authors' optimizer misses
+  the MLP by accident).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdcompress.methods.base import (
+    DistillMethod,
+    Shapes,
+    at_least_fp32,
+    conv1x1,
+    resize_to,
+)
+
+#: Seed of the frozen teacher-side CBAMs: fixed so every run and every DDP rank gets the same
+#: teacher-side function whatever the global RNG state is.
+TEACHER_CBAM_SEED = 20240
+
+
+class ChannelGate(nn.Module):
+    """sigmoid(MLP(avgpool x) + MLP(maxpool x)) with one shared MLP C → C/16 → C."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        avg = self.mlp(x.mean(dim=(2, 3)))
+        mx = self.mlp(x.amax(dim=(2, 3)))
+        return torch.sigmoid(avg + mx)[:, :, None, None]
+
+
+class SpatialGate(nn.Module):
+    """sigmoid(BN(conv7×7([max_C x; mean_C x]))): one weight per position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size=7, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.bn(self.conv(pooled)))
+
+
+class CBAM(nn.Module):
+    """Channel gate then spatial gate; a side branch for the loss, not part of the student."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channel = ChannelGate(channels)
+        self.spatial = SpatialGate()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * self.channel(x)
+        return x * self.spatial(x)
+
+
+def frozen_cbam(channels: int, seed: int) -> CBAM:
+    """A CBAM initialised from ``seed`` (global RNG untouched), frozen and in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cbam = CBAM(channels)
+    cbam.requires_grad_(False)
+    return cbam.eval()
+
+
+def normalized_sq_distance(s: Tensor, t: Tensor) -> Tensor:
+    """Batch mean of ‖s/‖s‖ − t/‖t‖‖², each sample's whole C×H×W map normalised on its own."""
+    s_hat = F.normalize(at_least_fp32(s.flatten(1)), dim=1)
+    t_hat = F.normalize(at_least_fp32(t.flatten(1)), dim=1)
+    return (s_hat - t_hat).pow(2).sum(dim=1).mean()
+
+
+class AttnFD(DistillMethod):
+    """L_attn = mean_j E_batch ‖norm(adapter(CBAM_s(F^S_j))) − norm(CBAM_t(F^T_j))‖²; weight α."""
+
+    name: ClassVar[str] = "attnfd"
+    default_taps: ClassVar[tuple[str, ...]] = ("backbone", "encoder", "decoder")
+    default_hparams: ClassVar[dict[str, float]] = {"alpha": 1.0}
+
+    def __init__(
+        self,
+        student_shapes: Shapes,
+        teacher_shapes: Shapes,
+        taps: Sequence[str],
+        num_classes: int,
+        **hparams: float,
+    ) -> None:
+        super().__init__(student_shapes, teacher_shapes, taps, num_classes, **hparams)
+        self.student_cbam = nn.ModuleDict()
+        self.adapter = nn.ModuleDict()
+        self.teacher_cbam = nn.ModuleDict()
+        for i, tap in enumerate(self.taps):
+            c_s, c_t = self.student_shapes[tap][1], self.teacher_shapes[tap][1]
+            self.student_cbam[tap] = CBAM(c_s)
+            self.adapter[tap] = nn.Sequential(conv1x1(c_s, c_t, bias=False), nn.BatchNorm2d(c_t))
+            self.teacher_cbam[tap] = frozen_cbam(c_t, TEACHER_CBAM_SEED + i)
+
+    def teacher_side_modules(self) -> list[nn.Module]:
+        return list(self.teacher_cbam.values())
+
+    def refine_student(self, tap: str, x: Tensor, like: Tensor) -> Tensor:
+        """S_j = resize(adapter(CBAM_s(F^S_j))) at the teacher's spatial size."""
+        return resize_to(self.adapter[tap](self.student_cbam[tap](x)), like)
+
+    def forward(  # type: ignore[override]
+        self, student_feats: Mapping[str, Tensor], teacher_feats: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        terms = []
+        for tap in self.taps:
+            f_t = self._teacher(teacher_feats, tap)
+            with torch.no_grad():
+                t_ref = self.teacher_cbam[tap](f_t)
+            s_ref = self.refine_student(tap, student_feats[tap], f_t)
+            terms.append(normalized_sq_distance(s_ref, t_ref))
+        return {"attn": torch.stack(terms).mean()}
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"attn": self.hparams["alpha"]}

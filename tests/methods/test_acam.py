@@ -1,0 +1,201 @@
+"""ACAM-KD: conformance, fused-SDPA proof and equality with the explicit formulas (eq. 2–8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from method_conformance import (
+    NUM_CLASSES,
+    STUDENT,
+    TEACHER,
+    TOL,
+    Feats,
+    MethodConformance,
+    make_feats,
+    randomize,
+)
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kdcompress.methods import build_method
+from kdcompress.methods.acam import (
+    ACAMKD,
+    diversity,
+    fused_attention,
+    inherit_from_teacher,
+    naive_attention,
+)
+
+FLASH_ONLY = [SDPBackend.FLASH_ATTENTION]
+
+
+def ref_conv1x1(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    return torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x) + conv.bias[None, :, None, None]
+
+
+def ref_acam(method: ACAMKD, s: Feats, t: Feats, power: int = 1) -> dict[str, Tensor]:
+    """Loops over samples and masks, straight from the spec's formulas."""
+    out = {"acam_c": torch.zeros(()), "acam_s": torch.zeros(()), "acam_div": torch.zeros(())}
+    for tap in method.taps:
+        align = method.align[tap]
+        f_s = s[tap] if isinstance(align, nn.Identity) else ref_conv1x1(s[tap], align)
+        f_s = F.interpolate(f_s, size=t[tap].shape[-2:], mode="bilinear", align_corners=False)
+        f_t = t[tap]
+        fusion, units = method.fusion[tap], method.masks[tap]
+        q = ref_conv1x1(f_t, fusion.w_q).flatten(2)  # B×Cq×HW
+        k = ref_conv1x1(f_s, fusion.w_k).flatten(2)
+        v = ref_conv1x1(f_s, fusion.w_v).flatten(2)  # B×C×HW
+        attn = torch.softmax(torch.einsum("bcp,bcr->bpr", q, k) / fusion.inner**0.5, dim=-1)
+        fused = torch.einsum("bpr,bcr->bcp", attn, v)  # B×C×HW
+        batch, c, hw = fused.shape
+        count = units.spatial_units.shape[0]
+        sums = {"acam_c": 0.0, "acam_s": 0.0, "acam_div": 0.0}
+        for b in range(batch):
+            d = ((f_t[b] - f_s[b]) ** 2).reshape(c, hw)
+            spatial = [torch.sigmoid(units.spatial_units[m] @ fused[b]) for m in range(count)]
+            channel = [
+                torch.sigmoid(units.channel_units[m] * fused[b].mean(dim=1)) for m in range(count)
+            ]
+            l_s = sum((ms**power * d.sum(0)).sum() / (c * ms.sum()) for ms in spatial) / count
+            l_c = sum((mc**power * d.sum(1)).sum() / (hw * mc.sum()) for mc in channel) / count
+            div = 0.0
+            for masks in (spatial, channel):
+                cross = sum(
+                    masks[i] @ masks[j] for i in range(count) for j in range(count) if i != j
+                )
+                div = div + cross / sum(m @ m for m in masks)
+            sums["acam_s"] += l_s / batch
+            sums["acam_c"] += l_c / batch
+            sums["acam_div"] += div / batch
+        for name in out:
+            out[name] = out[name] + sums[name]
+    return out
+
+
+class TestACAMLogits(MethodConformance):
+    """Segmentation setting: logits tap, M = num_classes; 5 classes → C_q = 2 (zero-pad path)."""
+
+    method = "acam"
+    expected_terms = ("acam_c", "acam_s", "acam_div")
+    expected_weights = {"acam_c": 1.0, "acam_s": 1.0, "acam_div": 1.0}
+
+    def reference(self, method, s, t):  # type: ignore[no-untyped-def]
+        return ref_acam(method, s, t, power=int(method.hparams["mask_power"]))
+
+    def zero_case(self):  # type: ignore[no-untyped-def]
+        # F^S' = F^T makes D = 0, so both masked terms vanish whatever the masks are.
+        method = build_method("acam", TEACHER, TEACHER, NUM_CLASSES)
+        feats = make_feats(TEACHER, seed=5)
+        return method, feats, {k: v.clone() for k, v in feats.items()}, ("acam_c", "acam_s")
+
+    def test_fused_kernel_runs_and_matches_naive(self) -> None:
+        method = randomize(self.build())
+        s, t = self.inputs(grad=True)
+        with sdpa_kernel(FLASH_ONLY):  # raises instead of silently materialising HW×HW
+            fast = method(s, t)
+            grads_fast = torch.autograd.grad(sum(fast.values()), [s[k] for k in method.taps])
+        method.set_naive(True)
+        slow = method(s, t)
+        grads_slow = torch.autograd.grad(sum(slow.values()), [s[k] for k in method.taps])
+        for name in fast:
+            torch.testing.assert_close(fast[name], slow[name], **TOL)
+        for a, b in zip(grads_fast, grads_slow):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+class TestACAMFeatureTap(TestACAMLogits):
+    """Feature tap with f_align (16 → 24 ch), C_q = 12 divides C (split-heads path), M = 3."""
+
+    taps = ("encoder",)
+    hparams = {"m": 3.0}
+
+
+class TestACAMMaskedSquared(TestACAMLogits):
+    """The switchable open point: MasKD-style M² weighting, normaliser Σ M."""
+
+    hparams = {"mask_power": 2.0, "alpha": 2.0, "lambda": 0.5}
+    expected_weights = {"acam_c": 2.0, "acam_s": 2.0, "acam_div": 0.5}
+
+
+@pytest.mark.parametrize("dq,dv", [(8, 8), (8, 16), (9, 19), (1, 1), (2, 5)])
+def test_fused_attention_equals_explicit_softmax_on_flash_kernel(dq: int, dv: int) -> None:
+    gen = torch.Generator().manual_seed(dq * 100 + dv)
+    q = torch.randn(2, 48, dq, generator=gen).requires_grad_()
+    k = torch.randn(2, 48, dq, generator=gen).requires_grad_()
+    v = torch.randn(2, 48, dv, generator=gen).requires_grad_()
+    scale = dq**-0.5
+    with sdpa_kernel(FLASH_ONLY):
+        fast = fused_attention(q, k, v, scale)
+        g_fast = torch.autograd.grad((fast * fast).sum(), (q, k, v))
+    slow = naive_attention(q, k, v, scale)
+    g_slow = torch.autograd.grad((slow * slow).sum(), (q, k, v))
+    torch.testing.assert_close(fast, slow, **TOL)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_flash_only_context_really_refuses_wider_v() -> None:
+    """Guards the proof above: a plain call with v wider than q/k cannot use the fused kernel."""
+    q = torch.randn(1, 1, 16, 4)
+    with sdpa_kernel(FLASH_ONLY), pytest.warns(UserWarning), pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, q, torch.randn(1, 1, 16, 8))
+
+
+def test_each_term_reaches_student_fusion_and_its_mask_units() -> None:
+    method = randomize(build_method("acam", STUDENT, TEACHER, NUM_CLASSES))
+    s = make_feats(STUDENT, seed=1, requires_grad=True)
+    t = make_feats(TEACHER, seed=2)
+    terms = method(s, t)
+    fusion = list(method.fusion["logits"].parameters())
+    units = method.masks["logits"]
+    expect_units = {
+        "acam_c": [units.channel_units],
+        "acam_s": [units.spatial_units],
+        "acam_div": [units.channel_units, units.spatial_units],
+    }
+    for name, value in terms.items():
+        wrt = [s["logits"], *fusion, *expect_units[name]]
+        grads = torch.autograd.grad(value, wrt, retain_graph=True)
+        for g in grads:
+            assert g.abs().sum() > 0, name
+
+
+def test_masks_can_be_cut_from_the_distillation_gradient() -> None:
+    method = randomize(build_method("acam", STUDENT, TEACHER, NUM_CLASSES, mask_distill_grad=0))
+    s = make_feats(STUDENT, seed=1, requires_grad=True)
+    t = make_feats(TEACHER, seed=2)
+    terms = method(s, t)
+    units = list(method.masks["logits"].parameters())
+    distill = terms["acam_c"] + terms["acam_s"]
+    assert all(g is None for g in torch.autograd.grad(distill, units, allow_unused=True, retain_graph=True))
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(terms["acam_div"], units))
+
+
+def test_mask_count_defaults_and_override() -> None:
+    method = build_method("acam", STUDENT, TEACHER, NUM_CLASSES)
+    assert method.num_masks == {"logits": NUM_CLASSES}
+    assert method.masks["logits"].spatial_units.shape == (NUM_CLASSES, NUM_CLASSES)
+    feature = build_method("acam", STUDENT, TEACHER, NUM_CLASSES, taps=["encoder", "decoder"])
+    assert feature.num_masks == {"encoder": 6, "decoder": 6}
+    assert feature.masks["decoder"].channel_units.shape == (6, 48)
+    assert build_method("acam", STUDENT, TEACHER, NUM_CLASSES, m=2).num_masks == {"logits": 2}
+
+
+def test_diversity_range() -> None:
+    same = torch.rand(2, 4, 10).expand(2, 4, 10).clone()
+    same[:, 1:] = same[:, :1]
+    torch.testing.assert_close(diversity(same), torch.full((2,), 3.0))
+    disjoint = torch.eye(4).repeat(2, 1, 1)
+    torch.testing.assert_close(diversity(disjoint), torch.zeros(2))
+
+
+def test_inherit_from_teacher_copies_matching_shapes_only() -> None:
+    student = nn.ModuleDict({"backbone": nn.Conv2d(3, 4, 1), "neck": nn.Conv2d(4, 4, 1)})
+    student["head"] = nn.Conv2d(4, 2, 1)
+    teacher = nn.ModuleDict({"backbone": nn.Conv2d(3, 4, 1), "neck": nn.Conv2d(4, 4, 1)})
+    teacher["head"] = nn.Conv2d(4, 3, 1)
+    copied = inherit_from_teacher(student, teacher)
+    assert copied == ["neck.weight", "neck.bias"]
+    assert torch.equal(student["neck"].weight, teacher["neck"].weight)
+    assert not torch.equal(student["backbone"].weight, teacher["backbone"].weight)

@@ -1,0 +1,101 @@
+"""AttnFD: conformance + an independent re-computation of eq. 5 with per-sample normalisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from method_conformance import NUM_CLASSES, TEACHER, Feats, MethodConformance, make_feats
+from torch import Tensor, nn
+
+from kdcompress.methods import build_method
+from kdcompress.methods.attnfd import CBAM, AttnFD
+
+
+def ref_bn(x: Tensor, bn: nn.BatchNorm2d, train: bool) -> Tensor:
+    if train:
+        mean = x.mean(dim=(0, 2, 3))
+        var = ((x - mean[None, :, None, None]) ** 2).mean(dim=(0, 2, 3))
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    x_hat = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
+    return x_hat * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+
+
+def ref_cbam(x: Tensor, cbam: CBAM, train: bool) -> Tensor:
+    fc1, fc2 = cbam.channel.mlp[0], cbam.channel.mlp[2]
+
+    def mlp(vec: Tensor) -> Tensor:
+        hidden = torch.clamp(torch.einsum("hc,bc->bh", fc1.weight, vec) + fc1.bias, min=0)
+        return torch.einsum("ch,bh->bc", fc2.weight, hidden) + fc2.bias
+
+    b, c = x.shape[:2]
+    flat = x.reshape(b, c, -1)
+    gate = torch.sigmoid(mlp(flat.mean(-1)) + mlp(flat.max(-1).values))
+    x = x * gate[:, :, None, None]
+    pooled = torch.stack([x.max(dim=1).values, x.mean(dim=1)], dim=1)
+    conv = F.conv2d(pooled, cbam.spatial.conv.weight, padding=3)
+    return x * torch.sigmoid(ref_bn(conv, cbam.spatial.bn, train))
+
+
+def ref_attnfd(method: AttnFD, s: Feats, t: Feats, train: bool) -> Tensor:
+    per_stage = []
+    for tap in method.taps:
+        s_map = ref_cbam(s[tap], method.student_cbam[tap], train)
+        conv, bn = method.adapter[tap][0], method.adapter[tap][1]
+        s_map = ref_bn(torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], s_map), bn, train)
+        s_map = F.interpolate(s_map, size=t[tap].shape[-2:], mode="bilinear", align_corners=False)
+        t_map = ref_cbam(t[tap], method.teacher_cbam[tap], train=False)
+        dists = []
+        for i in range(s_map.shape[0]):
+            a = s_map[i] / torch.sqrt((s_map[i] ** 2).sum())
+            b = t_map[i] / torch.sqrt((t_map[i] ** 2).sum())
+            dists.append(((a - b) ** 2).sum())
+        per_stage.append(sum(dists) / len(dists))
+    return sum(per_stage) / len(per_stage)
+
+
+class TestAttnFD(MethodConformance):
+    method = "attnfd"
+    expected_terms = ("attn",)
+    expected_weights = {"attn": 1.0}
+
+    def reference(self, method, s, t):  # type: ignore[no-untyped-def]
+        return {"attn": ref_attnfd(method, s, t, train=method.training)}
+
+    def zero_case(self):  # type: ignore[no-untyped-def]
+        # Same widths on both sides, student CBAM = teacher CBAM, identity adapter: the refined
+        # maps differ only by the adapter BN's constant 1/√(1+eps), which normalisation removes.
+        method = build_method("attnfd", TEACHER, TEACHER, NUM_CLASSES)
+        with torch.no_grad():
+            for tap in method.taps:
+                method.student_cbam[tap].load_state_dict(method.teacher_cbam[tap].state_dict())
+                conv = method.adapter[tap][0]
+                conv.weight.copy_(torch.eye(conv.weight.shape[0])[:, :, None, None])
+        method.eval()
+        feats = make_feats(TEACHER, seed=5)
+        return method, feats, {k: v.clone() for k, v in feats.items()}, ("attn",)
+
+
+class TestAttnFDOneStage(TestAttnFD):
+    """Any subset of stages (paper Table 3); the decoder tap has the same stride on both sides."""
+
+    taps = ("decoder",)
+
+
+def test_teacher_cbams_are_seeded_frozen_and_stay_in_eval() -> None:
+    torch.manual_seed(0)
+    a = build_method("attnfd", TEACHER, TEACHER, NUM_CLASSES)
+    torch.manual_seed(99)
+    b = build_method("attnfd", TEACHER, TEACHER, NUM_CLASSES)
+    for tap in a.taps:
+        # Same teacher-side function whatever the global seed (identical on every DDP rank).
+        for (name, pa), pb in zip(
+            a.teacher_cbam[tap].state_dict().items(), b.teacher_cbam[tap].state_dict().values()
+        ):
+            assert torch.equal(pa, pb), name
+        assert not any(p.requires_grad for p in a.teacher_cbam[tap].parameters())
+    # Student-side parts do follow the global seed.
+    assert not torch.equal(a.adapter["backbone"][0].weight, b.adapter["backbone"][0].weight)
+    a.train()
+    assert a.training and all(not m.training for m in a.teacher_side_modules())
+    assert all(m.training for m in a.student_cbam.modules())

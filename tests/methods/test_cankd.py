@@ -1,0 +1,129 @@
+"""CanKD: conformance, associativity of the linear-memory path, identity at step 0."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from method_conformance import (
+    NUM_CLASSES,
+    TEACHER,
+    TOL,
+    Feats,
+    MethodConformance,
+    make_feats,
+    randomize,
+)
+from torch import Tensor, nn
+
+from kdcompress.methods import build_method
+from kdcompress.methods.cankd import CanBlock, CanKD, linear_affinity, naive_affinity
+
+
+def ref_conv1x1(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    return torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x) + conv.bias[None, :, None, None]
+
+
+def ref_pool2x2(x: Tensor) -> Tensor:
+    b, c, h, w = x.shape  # even sizes in these tests
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).amax(dim=(3, 5))
+
+
+def ref_bn_train(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    return (x - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[
+        None, :, None, None
+    ]
+
+
+def ref_instance_norm(x: Tensor) -> Tensor:
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+def ref_can(block: CanBlock, y_s: Tensor, y_t: Tensor) -> Tensor:
+    b, c, h, w = y_s.shape
+    q = ref_conv1x1(y_s, block.theta).flatten(2)  # B×C'×HW
+    k = ref_pool2x2(ref_conv1x1(y_t, block.phi)).flatten(2)  # B×C'×N
+    v = ref_pool2x2(ref_conv1x1(y_t, block.g)).flatten(2)
+    n = k.shape[2]
+    affinity = torch.einsum("bcp,bcn->bpn", q, k) / n  # the full HW×N matrix, no softmax
+    y = torch.einsum("bpn,bcn->bcp", affinity, v).reshape(b, -1, h, w)
+    return ref_bn_train(ref_conv1x1(y, block.w), block.bn) + y_s
+
+
+def ref_cankd(method: CanKD, s: Feats, t: Feats) -> Tensor:
+    total = torch.zeros(())
+    for tap in method.taps:
+        adapter = method.adapter[tap]
+        y_s = s[tap] if isinstance(adapter, nn.Identity) else ref_conv1x1(s[tap], adapter)
+        y_s = F.interpolate(y_s, size=t[tap].shape[-2:], mode="bilinear", align_corners=False)
+        z_s = ref_can(method.can[tap], y_s, t[tap])
+        total = total + ((ref_instance_norm(z_s) - ref_instance_norm(t[tap])) ** 2).mean()
+    return total
+
+
+class TestCanKD(MethodConformance):
+    method = "cankd"
+    expected_terms = ("can",)
+    expected_weights = {"can": 5.0}
+
+    def reference(self, method, s, t):  # type: ignore[no-untyped-def]
+        assert method.training  # the reference uses batch statistics
+        return {"can": ref_cankd(method, s, t)}
+
+    def zero_case(self):  # type: ignore[no-untyped-def]
+        # Step 0 (BN γ = β = 0, so z_s = y_s), equal widths, y_s = y_t: IN(z_s) = IN(y_t).
+        method = build_method("cankd", TEACHER, TEACHER, NUM_CLASSES).train()
+        feats = make_feats(TEACHER, seed=5)
+        return method, feats, {k: v.clone() for k, v in feats.items()}, ("can",)
+
+
+class TestCanKDTwoLevels(TestCanKD):
+    """Several levels (FPN style), one Can block each, terms summed; mu overridden."""
+
+    taps = ("encoder", "decoder")
+    hparams = {"mu": 10.0}
+    expected_weights = {"can": 10.0}
+
+
+def test_linear_affinity_equals_naive_formula() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 96, 16, generator=gen)
+    k = torch.randn(2, 24, 16, generator=gen)
+    v = torch.randn(2, 24, 16, generator=gen)
+    torch.testing.assert_close(linear_affinity(q, k, v), naive_affinity(q, k, v), **TOL)
+
+
+def test_method_linear_and_naive_paths_agree_with_gradients() -> None:
+    method = randomize(build_method("cankd", TEACHER, TEACHER, NUM_CLASSES)).train()
+    s = make_feats(TEACHER, seed=1, requires_grad=True)
+    t = make_feats(TEACHER, seed=2)
+    fast = method(s, t)["can"]
+    (g_fast,) = torch.autograd.grad(fast, s["backbone"])
+    method.set_naive(True)
+    slow = method(s, t)["can"]
+    (g_slow,) = torch.autograd.grad(slow, s["backbone"])
+    torch.testing.assert_close(fast, slow, **TOL)
+    torch.testing.assert_close(g_fast, g_slow, **TOL)
+
+
+def test_can_block_is_identity_at_init() -> None:
+    block = CanBlock(16).train()
+    y_s, y_t = torch.randn(2, 16, 6, 10), torch.randn(2, 16, 6, 10)
+    torch.testing.assert_close(block(y_s, y_t), y_s, atol=0, rtol=0)
+
+
+def test_odd_sizes_keep_border_and_single_pixel_maps_work() -> None:
+    block = CanBlock(8).eval()
+    out = block(torch.randn(1, 8, 1, 1), torch.randn(1, 8, 1, 1))
+    assert out.shape == (1, 8, 1, 1) and torch.isfinite(out).all()
+    assert block.pool(torch.zeros(1, 1, 65, 129)).shape[-2:] == (33, 65)
+
+
+def test_adapter_only_when_widths_differ() -> None:
+    shapes_s = {"backbone": torch.Size((2, 32, 8, 8))}
+    shapes_t = {"backbone": torch.Size((2, 64, 16, 16))}
+    assert isinstance(build_method("cankd", shapes_s, shapes_t, 5).adapter["backbone"], nn.Conv2d)
+    assert isinstance(build_method("cankd", shapes_t, shapes_t, 5).adapter["backbone"], nn.Identity)
