@@ -23,7 +23,9 @@ def _run(recipe_name: str, role: str, model: str | None, out: Path | None, sets:
     from kdcompress.config import load_recipe
     from kdcompress.engine.trainer import train as run_train
 
-    recipe = load_recipe(recipe_name, overrides(sets, **explicit, **({f"{role}.model": model} if model else {})))
+    # Another dataset than the recipe's: its dataset options no longer apply (--set may add new ones).
+    reset = {"data.options": {}} if explicit.get("data.name") else {}
+    recipe = load_recipe(recipe_name, reset | overrides(sets, **explicit, **({f"{role}.model": model} if model else {})))
     from kdcompress.models import resolve_model_name
 
     arch = resolve_model_name(getattr(recipe, role).model, recipe.teacher.model)

@@ -58,6 +58,10 @@ def safe_load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint '{path}' does not exist. Check the path (train one with `kdcompress train`).")
+    if not zipfile.is_zipfile(path):  # torch.save always writes a zip; anything else is damaged or foreign
+        raise CheckpointError(
+            f"Checkpoint '{path}' is corrupt or truncated (not a torch zip archive). Re-create it or pick another file."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

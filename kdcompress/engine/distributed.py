@@ -48,6 +48,13 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BN running stats) to every rank so all ranks evaluate the saved model."""
+    if dist.is_available() and dist.is_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -280,12 +280,14 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
             raise ConfigError(f"Method '{method_name}' needs a teacher checkpoint: pass --teacher PATH.")
         teacher, teacher_meta = load_teacher(distill.teacher_checkpoint, info.num_classes, device)
     if method_name != "none":
-        taps = list(distill.taps) if distill and distill.taps else list(method_cls.default_taps)
         crop = tuple(recipe.data.crop_size)
-        s_shapes = tap_shapes(student, crop, taps, batch=1)
-        t_shapes = tap_shapes(teacher, crop, taps, batch=1) if teacher is not None else s_shapes
-        method = build_method(method_name, s_shapes, t_shapes, info.num_classes, taps=taps,
+        s_shapes = tap_shapes(student, crop, batch=1)  # every tap: build_method validates names
+        t_shapes = tap_shapes(teacher, crop, batch=1) if teacher is not None else s_shapes
+        method = build_method(method_name, s_shapes, t_shapes, info.num_classes,
+                              taps=distill.taps or None, student_name=arch,
+                              teacher_name=teacher_meta.get("arch", "teacher"),
                               **(distill.hparams if distill else {})).to(device)
+        taps = list(method.taps)
 
     task = TrainTask(student, method, taps, info.ignore_index).to(device)
     model: nn.Module = task
@@ -342,6 +344,7 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
         return m
 
     def validate() -> dict[str, Any]:
+        dist_utils.broadcast_buffers(task.student)
         res = evaluate_model(task.student, val_set, info.num_classes, info.ignore_index,
                              recipe.data.val_batch_size, device, recipe.data.max_val_images, progress=False,
                              amp=use_amp)

@@ -41,7 +41,8 @@ def build_model(name: str, num_classes: int, output_stride: int | None = None, p
 
 def resolve_model_name(name: str, reference: str | None = None) -> str:
     """Accept a full name or a backbone shorthand (``mbv2``) resolved against the head of ``reference``."""
-    if name in MODELS:
+    if name in MODELS or "-" in name:
+        MODELS.get(name)  # a full name: unknown ones raise the listing error
         return name
     if reference is not None and "-" in reference:
         candidate = f"{reference.split('-', 1)[0]}-{name}"
@@ -49,7 +50,8 @@ def resolve_model_name(name: str, reference: str | None = None) -> str:
             return candidate
         raise KdError(f"No model '{candidate}' for shorthand '{name}' (head of '{reference}'). "
                       f"Available: {', '.join(MODELS.names())}")
-    return MODELS.get(name) and name  # raises the listing error
+    MODELS.get(name)  # raises the listing error
+    return name
 
 
 def zoo_table(num_classes: int = 21) -> list[dict]:
