@@ -7,7 +7,9 @@ import sys
 
 import typer
 
+from kdcompress.cli import deploy as deploy_cmd
 from kdcompress.cli import evaluate as evaluate_cmd
+from kdcompress.cli import pipeline as pipeline_cmd
 from kdcompress.cli import train as train_cmd
 from kdcompress.cli import zoo as zoo_cmd
 
@@ -21,6 +23,9 @@ app = typer.Typer(
 app.command("train")(train_cmd.train)
 app.command("distill")(train_cmd.distill)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("export")(deploy_cmd.export)
+app.command("profile")(deploy_cmd.profile)
+app.command("pipeline")(pipeline_cmd.pipeline)
 app.command("models")(zoo_cmd.models)
 app.command("taps")(zoo_cmd.taps)
 

@@ -335,7 +335,8 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
                         generator=torch.Generator().manual_seed(tcfg.seed))  # keeps the global RNG untouched
 
     def save(metrics: dict[str, Any]) -> Path:
-        m = save_model_checkpoint(out_dir / MODEL_FILE, task.student, meta | {"step": step, "metrics": metrics})
+        m = save_model_checkpoint(out_dir / MODEL_FILE, task.student,
+                                  meta | {"step": step, "total_steps": total, "metrics": metrics})
         save_state(out_dir / STATE_FILE, {
             "arch": arch, "method": method_name, "step": step, "task": task.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
