@@ -50,28 +50,30 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1).bmm(v)
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def fused_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, align: int | None = None
+) -> Tensor:
     """Same value as ``naive_attention`` through SDPA's fused (non-materialising) kernels.
 
-    Fused kernels need one width for q, k and v; see the module docstring for the two exact
-    ways used to get there. Fused kernels also need a unit stride on the last dimension, which
-    a transposed conv output (B×HW×C view of B×C×HW) lacks: such inputs are copied (linear).
+    Fused kernels need one width for q, k and v (see the module docstring for the two exact
+    ways used) and a unit stride on the last dimension, which a transposed conv output (B×HW×C
+    view of B×C×HW) lacks: such inputs are copied (linear). CUDA kernels also need widths
+    divisible by 4 (fp32) or 8 (fp16/bf16), so off the CPU (``align`` default 8) odd widths
+    such as 19 classes are zero-padded up to the next multiple.
     """
+    if align is None:
+        align = 1 if q.device.type == "cpu" else 8
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     dq, dv = q.shape[-1], v.shape[-1]
-    if dq == dv:
-        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)
-        return out[:, 0]
-    if dv % dq == 0:
+    if dv % dq == 0 and dq % align == 0:
         heads = dv // dq
         vh = v.unflatten(-1, (heads, dq)).transpose(1, 2)  # B×h×S×dq
         qh = q[:, None].expand(-1, heads, -1, -1)
         kh = k[:, None].expand(-1, heads, -1, -1)
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)  # B×h×L×dq
         return out.transpose(1, 2).flatten(2)
-    width = max(dq, dv)
-    qp = F.pad(q, (0, width - dq))
-    kp = F.pad(k, (0, width - dq))
+    width = -(-max(dq, dv) // align) * align
+    qp, kp = F.pad(q, (0, width - dq)), F.pad(k, (0, width - dq))
     vp = F.pad(v, (0, width - dv))
     out = F.scaled_dot_product_attention(qp[:, None], kp[:, None], vp[:, None], scale=scale)
     return out[:, 0, :, :dv]

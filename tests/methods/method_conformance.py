@@ -1,4 +1,4 @@
-"""Shared conformance checks every distillation method passes; each method subclasses in a few lines.
+"""Shared conformance checks every distillation method passes; a method subclasses in a few lines.
 
 A subclass sets ``method`` (and optionally ``taps``, ``hparams``, shapes) and implements
 ``reference`` (an independent, straightforward computation of the terms from the spec formulas,
@@ -63,7 +63,9 @@ def randomize(method: DistillMethod, seed: int = 123) -> DistillMethod:
 
 def frozen_names(method: DistillMethod) -> set[str]:
     """State-dict names that belong to the teacher-side modules."""
-    ids = {id(t) for m in method.teacher_side_modules() for t in m.state_dict(keep_vars=True).values()}
+    ids = {
+        id(t) for m in method.teacher_side_modules() for t in m.state_dict(keep_vars=True).values()
+    }
     return {n for n, t in method.state_dict(keep_vars=True).items() if id(t) in ids}
 
 
@@ -98,7 +100,9 @@ class MethodConformance:
             **{**self.hparams, **hparams},
         )
 
-    def inputs(self, seed: int = 0, batch: int | None = None, grad: bool = False) -> tuple[Feats, Feats]:
+    def inputs(
+        self, seed: int = 0, batch: int | None = None, grad: bool = False
+    ) -> tuple[Feats, Feats]:
         s = make_feats(self.student_shapes, seed, grad)
         t = make_feats(self.teacher_shapes, seed + 1000, grad)
         if batch is not None:

@@ -5,16 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from method_conformance import (
-    NUM_CLASSES,
-    STUDENT,
-    TEACHER,
-    TOL,
-    Feats,
-    MethodConformance,
-    make_feats,
-    randomize,
-)
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -26,12 +16,23 @@ from kdcompress.methods.acam import (
     inherit_from_teacher,
     naive_attention,
 )
+from tests.methods.method_conformance import (
+    NUM_CLASSES,
+    STUDENT,
+    TEACHER,
+    TOL,
+    Feats,
+    MethodConformance,
+    make_feats,
+    randomize,
+)
 
 FLASH_ONLY = [SDPBackend.FLASH_ATTENTION]
 
 
 def ref_conv1x1(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    return torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x) + conv.bias[None, :, None, None]
+    out = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x)
+    return out + conv.bias[None, :, None, None]
 
 
 def ref_acam(method: ACAMKD, s: Feats, t: Feats, power: int = 1) -> dict[str, Tensor]:
@@ -118,15 +119,21 @@ class TestACAMMaskedSquared(TestACAMLogits):
     expected_weights = {"acam_c": 2.0, "acam_s": 2.0, "acam_div": 0.5}
 
 
-@pytest.mark.parametrize("dq,dv", [(8, 8), (8, 16), (9, 19), (1, 1), (2, 5)])
-def test_fused_attention_equals_explicit_softmax_on_flash_kernel(dq: int, dv: int) -> None:
+WIDTHS = [(8, 8, 1), (8, 16, 1), (9, 19, 1), (1, 1, 1), (2, 5, 1), (9, 19, 8), (12, 24, 8)]
+
+
+@pytest.mark.parametrize("dq,dv,align", WIDTHS)
+def test_fused_attention_equals_explicit_softmax_on_flash_kernel(
+    dq: int, dv: int, align: int
+) -> None:
+    """Split heads, zero-padded Q/K, and the CUDA-style padding to a multiple of 8."""
     gen = torch.Generator().manual_seed(dq * 100 + dv)
     q = torch.randn(2, 48, dq, generator=gen).requires_grad_()
     k = torch.randn(2, 48, dq, generator=gen).requires_grad_()
     v = torch.randn(2, 48, dv, generator=gen).requires_grad_()
     scale = dq**-0.5
     with sdpa_kernel(FLASH_ONLY):
-        fast = fused_attention(q, k, v, scale)
+        fast = fused_attention(q, k, v, scale, align=align)
         g_fast = torch.autograd.grad((fast * fast).sum(), (q, k, v))
     slow = naive_attention(q, k, v, scale)
     g_slow = torch.autograd.grad((slow * slow).sum(), (q, k, v))
@@ -168,7 +175,8 @@ def test_masks_can_be_cut_from_the_distillation_gradient() -> None:
     terms = method(s, t)
     units = list(method.masks["logits"].parameters())
     distill = terms["acam_c"] + terms["acam_s"]
-    assert all(g is None for g in torch.autograd.grad(distill, units, allow_unused=True, retain_graph=True))
+    grads = torch.autograd.grad(distill, units, allow_unused=True, retain_graph=True)
+    assert all(g is None for g in grads)
     assert all(g.abs().sum() > 0 for g in torch.autograd.grad(terms["acam_div"], units))
 
 

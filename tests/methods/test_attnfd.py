@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from method_conformance import NUM_CLASSES, TEACHER, Feats, MethodConformance, make_feats
 from torch import Tensor, nn
 
 from kdcompress.methods import build_method
 from kdcompress.methods.attnfd import CBAM, AttnFD
+from tests.methods.method_conformance import (
+    NUM_CLASSES,
+    TEACHER,
+    Feats,
+    MethodConformance,
+    make_feats,
+)
 
 
 def ref_bn(x: Tensor, bn: nn.BatchNorm2d, train: bool) -> Tensor:

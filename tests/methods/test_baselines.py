@@ -7,11 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from method_conformance import NUM_CLASSES, STUDENT, TEACHER, MethodConformance, make_feats
 from torch import nn
 
 from kdcompress.errors import ConfigError, KdError
 from kdcompress.methods import build_method
+from tests.methods.method_conformance import (
+    NUM_CLASSES,
+    STUDENT,
+    TEACHER,
+    MethodConformance,
+    make_feats,
+)
 
 
 class TestLogitKD(MethodConformance):
@@ -21,7 +27,8 @@ class TestLogitKD(MethodConformance):
 
     def reference(self, method, s, t):  # type: ignore[no-untyped-def]
         temp = method.hparams["T"]
-        student = F.interpolate(s["logits"], size=t["logits"].shape[-2:], mode="bilinear", align_corners=False)
+        size = t["logits"].shape[-2:]
+        student = F.interpolate(s["logits"], size=size, mode="bilinear", align_corners=False)
         total, pixels = torch.zeros(()), 0
         b, c, h, w = t["logits"].shape
         for i in range(b):

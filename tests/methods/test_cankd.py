@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from method_conformance import (
+from torch import Tensor, nn
+
+from kdcompress.methods import build_method
+from kdcompress.methods.cankd import CanBlock, CanKD, linear_affinity, naive_affinity
+from tests.methods.method_conformance import (
     NUM_CLASSES,
     TEACHER,
     TOL,
@@ -13,14 +17,11 @@ from method_conformance import (
     make_feats,
     randomize,
 )
-from torch import Tensor, nn
-
-from kdcompress.methods import build_method
-from kdcompress.methods.cankd import CanBlock, CanKD, linear_affinity, naive_affinity
 
 
 def ref_conv1x1(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    return torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x) + conv.bias[None, :, None, None]
+    out = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x)
+    return out + conv.bias[None, :, None, None]
 
 
 def ref_pool2x2(x: Tensor) -> Tensor:

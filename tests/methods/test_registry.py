@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_conformance import NUM_CLASSES, STUDENT, TEACHER
 
 from kdcompress.errors import ConfigError, KdError
 from kdcompress.methods import METHODS, DistillMethod, build_method
+from tests.methods.method_conformance import NUM_CLASSES, STUDENT, TEACHER
 
 ALL = ["acam", "attnfd", "cankd", "kd", "mse", "none"]
 
@@ -74,7 +74,8 @@ def test_acam_without_logits_names_the_model() -> None:
 
 
 def test_unknown_and_bad_hparams() -> None:
-    with pytest.raises(ConfigError, match=r"'mu'.*Valid: alpha, lambda, m, mask_distill_grad, mask_power"):
+    valid = r"Valid: alpha, lambda, m, mask_distill_grad, mask_power"
+    with pytest.raises(ConfigError, match=rf"'mu'.*{valid}"):
         build_method("acam", STUDENT, TEACHER, NUM_CLASSES, mu=1.0)
     with pytest.raises(ConfigError, match="must be a number"):
         build_method("cankd", STUDENT, TEACHER, NUM_CLASSES, mu="5")

@@ -1,0 +1,258 @@
+"""Peak memory of the CanKD and ACAM-KD losses (forward + backward) vs number of positions.
+
+Compares the textbook formulas (CanKD: (q kᵀ/N) v with the HW×N affinity; ACAM: explicit
+softmax(QKᵀ/√d) V with the HW×HW matrix) with ours (CanKD: q (kᵀ v); ACAM: fused SDPA with
+split heads / padded Q/K). Each case runs in a fresh subprocess so allocator state cannot leak
+between cases.
+
+Measurement: on CUDA, ``torch.cuda.max_memory_allocated`` minus what was allocated before the
+step. On CPU, the growth of the process's peak RSS during the step: the high-water mark is
+reset through ``/proc/self/clear_refs`` just before it (falls back to ``ru_maxrss`` where that
+file is not writable), glibc is told to mmap every allocation ≥ 64 KiB so freed tensors leave
+RSS at once, and a small warm-up step runs first so one-off kernel/thread-pool setup is not
+counted. Inputs and parameters exist before the step and are not counted; the input gradient
+is. The naive variant runs only while its quadratically extrapolated peak fits the budget.
+
+Usage: ``python benchmarks/attention_memory.py`` (writes benchmarks/results/attention_memory.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "attention_memory.json"
+SIZES = [1024, 4096, 16384, 65536]  # positions H·W: 32², 64², 128², 256²
+MiB = 2**20
+GiB = 2**30
+
+# name -> (method, channels, hparams, extra description)
+CASES: dict[str, tuple[str, int, dict[str, float], str]] = {
+    "cankd_c256": ("cankd", 256, {}, "CanKD, C=256 (C'=128), keys 2×2-pooled"),
+    "acam_logits_c19": ("acam", 19, {"m": 19.0}, "ACAM-KD on 19-class logits, M=19"),
+    "acam_fpn_c256": ("acam", 256, {"m": 6.0}, "ACAM-KD on an FPN level, C=256, M=6"),
+}
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_case(case: str, mode: str, n: int, device: str, threads: int) -> dict[str, Any]:
+    """Child process body: one forward + backward, returns the peak extra memory in bytes."""
+    import gc
+
+    import torch
+
+    from kdcompress.methods import build_method
+
+    torch.set_num_threads(threads)
+    method_name, channels, hparams, _ = CASES[case]
+    side = int(round(n**0.5))
+    tap = "logits" if case.startswith("acam_logits") else "feat"
+
+    def build(hw: int) -> tuple[torch.nn.Module, dict, dict]:
+        shape = torch.Size((1, channels, hw, hw))
+        method = build_method(
+            method_name, {tap: shape}, {tap: shape}, num_classes=19, taps=[tap], **hparams
+        ).to(device)
+        method.set_naive(mode == "naive")
+        method.train()
+        gen = torch.Generator(device=device).manual_seed(0)
+        s = {tap: torch.randn(shape, generator=gen, device=device).requires_grad_()}
+        t = {tap: torch.randn(shape, generator=gen, device=device)}
+        return method, s, t
+
+    def step(method: torch.nn.Module, s: dict, t: dict) -> float:
+        weights = method.loss_weights()
+        terms = method(s, t)
+        loss = sum(weights[k] * v for k, v in terms.items())
+        loss.backward()
+        return float(loss.detach())
+
+    warm = build(16)
+    step(*warm)
+    del warm
+    method, s, t = build(side)
+    gc.collect()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        how = "torch.cuda.max_memory_allocated - allocated before"
+    else:
+        rss_before = _status_kib("VmRSS") * 1024
+        if _reset_peak_rss():
+            base = rss_before
+            how = "peak RSS (VmHWM reset via /proc/self/clear_refs) - RSS before"
+        else:
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            how = "ru_maxrss after - ru_maxrss before"
+    start = time.perf_counter()
+    loss = step(method, s, t)
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    elif how.startswith("peak RSS"):
+        peak = _status_kib("VmHWM") * 1024
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seconds = time.perf_counter() - start
+    return {"peak_bytes": max(0, peak - base), "seconds": seconds, "loss": loss, "how": how}
+
+
+def spawn(case: str, mode: str, n: int, device: str, threads: int, timeout: float) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, __file__, "--child", case, mode, str(n), device, str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{case}/{mode}/N={n} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def environment(device: str, threads: int) -> dict[str, object]:
+    import torch
+
+    env: dict[str, object] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "dtype": "float32",
+        "batch": 1,
+    }
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=5, metavar=("CASE", "MODE", "N", "DEVICE", "THREADS"))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--naive-budget-gib", type=float, default=4.0,
+                        help="skip the naive variant when its extrapolated peak exceeds this")
+    parser.add_argument("--ours-max-n", nargs="*", default=["acam_fpn_c256=16384"],
+                        help="CASE=N: largest N for 'ours' in that case (CPU runtime cap)")
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args()
+
+    if args.child:
+        case, mode, n, device, threads = args.child
+        print(json.dumps(run_case(case, mode, int(n), device, int(threads))))
+        return
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = args.threads or torch.get_num_threads()
+    ours_cap = {}
+    if device == "cpu":
+        for item in args.ours_max_n:
+            name, _, value = str(item).partition("=")
+            ours_cap[name] = int(value)
+
+    rows: list[dict[str, Any]] = []
+    header = f"{'case':<16} {'mode':<6} {'N':>6} {'peak MiB':>10} {'B/pos':>8} {'marg B/pos':>10}"
+    print(f"{header} {'x prev':>7} {'s':>7}")
+    for case in args.cases:
+        for mode in ("naive", "ours"):
+            last: dict[str, Any] | None = None  # last measured row of this series
+            for n in args.sizes:
+                row: dict[str, Any] = {
+                    "case": case,
+                    "description": CASES[case][3],
+                    "mode": mode,
+                    "positions": n,
+                    "channels": CASES[case][1],
+                }
+                skip = None
+                if mode == "naive" and last is not None:
+                    estimate = last["peak_bytes"] * (n / last["positions"]) ** 2
+                    if estimate > args.naive_budget_gib * GiB:
+                        skip = (
+                            f"skipped (would need ~{estimate / GiB:.1f} GiB, extrapolated "
+                            f"quadratically from N={last['positions']})"
+                        )
+                        row["estimated_peak_bytes"] = int(estimate)
+                if mode == "ours" and n > ours_cap.get(case, n):
+                    skip = (
+                        f"skipped (CPU runtime cap N<={ours_cap[case]}: attention FLOPs grow "
+                        "as N² at C=256; its memory is linear)"
+                    )
+                if skip:
+                    row["skipped"] = skip
+                    rows.append(row)
+                    print(f"{case:<16} {mode:<6} {n:>6} {skip}")
+                    continue
+                row.update(spawn(case, mode, n, device, threads, timeout=600))
+                peak = row["peak_bytes"]
+                row["bytes_per_position"] = round(peak / n, 1)
+                marginal = ratio = None
+                if last is not None:
+                    # Slope between consecutive sizes: the per-position cost once constant
+                    # overheads (kernel scratch buffers, page rounding) cancel out.
+                    marginal = round((peak - last["peak_bytes"]) / (n - last["positions"]), 1)
+                    row["marginal_bytes_per_position"] = marginal
+                    row["positions_ratio"] = n // last["positions"]
+                    if last["peak_bytes"] > 0:
+                        ratio = round(peak / last["peak_bytes"], 2)
+                        row["ratio_to_previous"] = ratio
+                rows.append(row)
+                print(
+                    f"{case:<16} {mode:<6} {n:>6} {peak / MiB:>10.1f}"
+                    f" {row['bytes_per_position']:>8} {marginal if marginal is not None else '-':>10}"
+                    f" {ratio if ratio is not None else '-':>7} {row['seconds']:>7.2f}"
+                )
+                last = row
+
+    # The same loss from both variants cross-checks that the rows compare like with like.
+    for case in args.cases:
+        for n in args.sizes:
+            pair = [r for r in rows if r["case"] == case and r["positions"] == n and "loss" in r]
+            if len(pair) == 2:
+                a, b = (float(r["loss"]) for r in pair)
+                for r in pair:
+                    r["loss_rel_diff_naive_vs_ours"] = abs(a - b) / max(abs(a), 1e-12)
+
+    report = {
+        "benchmark": "attention_memory",
+        "what": "extra peak memory of one loss forward+backward (batch 1, fp32), naive vs ours",
+        "environment": environment(device, threads),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"saved {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+
+
+if __name__ == "__main__":
+    main()
