@@ -165,7 +165,13 @@ def _split(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"Override '{item}' must look like key.sub=value (e.g. --set train.lr=0.01).")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; users mean a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def load_recipe(name_or_path: str | None, overrides: list[str] | dict[str, Any] = ()) -> Recipe:

@@ -383,8 +383,9 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
                         t_feats = {k: v.detach() for k, v in tf.items()}
                 terms = model(images, labels, t_feats)
             weights = method.loss_weights() if method is not None else {}
-            loss = sum(weights.get(k, 1.0) * v.float() for k, v in terms.items())
-            bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+            weighted = {k: weights.get(k, 1.0) * v.float() for k, v in terms.items()}
+            loss = sum(weighted.values())
+            bad = [k for k, v in weighted.items() if not torch.isfinite(v).all()]
             if dist_utils.any_true(bool(bad), device):
                 kept = f"last good checkpoint: {out_dir / MODEL_FILE}" if (out_dir / MODEL_FILE).exists() \
                     else "no checkpoint was written yet"
