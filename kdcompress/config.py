@@ -136,6 +136,37 @@ def list_presets(kind: str) -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+TARGET_KEYS = {
+    "name": None,
+    "export": {"to", "precision", "input_size", "dynamic_batch", "dynamic_spatial", "opset", "calib_images",
+               "workspace_mb"},
+    "profile": {"backend", "device", "batch", "input_size", "threads"},
+    "tolerances": {"max_abs", "min_argmax_agreement", "max_miou_drop"},
+}
+
+
+def load_target(name_or_path: str) -> dict[str, Any]:
+    """A deployment-target preset (profiles/targets/): export + profile settings and tolerances."""
+    p = Path(name_or_path)
+    if not (p.suffix in (".yaml", ".yml") or p.exists()):
+        p = Path(str(importlib.resources.files("kdcompress.profiles") / "targets" / f"{name_or_path}.yaml"))
+        if not p.is_file():
+            raise ConfigError(f"Unknown target '{name_or_path}'. Built-in targets: {', '.join(list_presets('targets'))}, "
+                              f"or pass a path to a .yaml file.")
+    data = load_yaml(p)
+    for section, keys in data.items():
+        if section not in TARGET_KEYS:
+            raise ConfigError(f"Unknown key '{section}' in target '{p}'. Valid keys: {', '.join(TARGET_KEYS)}")
+        allowed = TARGET_KEYS[section]
+        if allowed is not None:
+            bad = sorted(set(keys or {}) - allowed)
+            if bad:
+                raise ConfigError(f"Unknown key(s) {', '.join(f'{section}.{b}' for b in bad)} in target '{p}'. "
+                                  f"Valid: {', '.join(sorted(allowed))}")
+    return {"name": data.get("name", p.stem), "export": data.get("export") or {}, "profile": data.get("profile") or {},
+            "tolerances": data.get("tolerances") or {}}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}

@@ -153,16 +153,18 @@ def profile_target(
                 from kdcompress.profiling.static import onnx_param_count
 
                 row["params"] = onnx_param_count(target)
+                row["params_source"] = "ONNX weight initializers (BN folded into convs)"
             else:
                 row["params"] = None
             if side.get("arch") and side.get("num_classes"):
-                from kdcompress.models import build_model
+                from kdcompress.models import MODELS, build_model
 
-                source_model = build_model(side["arch"], num_classes=int(side["num_classes"]),
-                                           output_stride=side.get("output_stride"))
-                if row["params"] is None:
-                    row["params"] = count_params(source_model)
-                row["params_source"] = "source architecture (sidecar)"
+                if side["arch"] in MODELS:  # FLOPs do not depend on weights: the architecture suffices
+                    source_model = build_model(side["arch"], num_classes=int(side["num_classes"]),
+                                               output_stride=side.get("output_stride"))
+                    if row["params"] is None:
+                        row["params"] = count_params(source_model)
+                        row["params_source"] = "source architecture named in the sidecar"
         row["params_m"] = row["params"] / 1e6 if row.get("params") is not None else None
 
         if source_model is not None:
@@ -187,7 +189,13 @@ def profile_target(
 
             sess = create_ort_session(target, providers=["CUDAExecutionProvider"] if cuda else None,
                                       intra_op_num_threads=threads)
-            name = sess.get_inputs()[0].name
+            inp = sess.get_inputs()[0]
+            name = inp.name
+            fixed = [(i, d, v) for i, (d, v) in enumerate(zip(inp.shape, (batch, 3, h, w))) if isinstance(d, int) and d != v]
+            if fixed:
+                dims = "x".join(str(d) for d in inp.shape)
+                raise KdError(f"'{target}' has a static input shape {dims}; profile it with a matching --input-size/--batch "
+                              f"or re-export with --dynamic-spatial / --dynamic-batch.")
             xs = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
             weights = int(Path(target).stat().st_size)
             row["ort_providers"] = sess.get_providers()

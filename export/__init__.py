@@ -1,0 +1,413 @@
+"""Export a checkpoint to a verified deployable artifact: ONNX fp32, ORT static INT8, TensorRT.
+
+Every artifact is checked against the PyTorch model on real validation images (logit error,
+per-pixel argmax agreement, mIoU drop) before it is kept; a failed check deletes it. INT8 and
+TensorRT start from the verified fp32 ONNX, which is reused when its sidecar says it was made
+from the same checkpoint with the same settings.
+
+Public API: :func:`export_checkpoint` / :class:`ExportResult` (what the CLI calls), plus the
+building blocks :func:`export_onnx`, :func:`quantize_int8`, :func:`build_engine`, the runners and
+the verification helpers.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from kdcompress.errors import CheckpointError, ExportError, KdError
+from kdcompress.export.metadata import read_sidecar, sha256_file, sidecar_path, write_sidecar
+from kdcompress.export.onnx import DEFAULT_OPSET, check_opset, export_onnx
+from kdcompress.export.ort_quant import calibration_images, quantize_int8
+from kdcompress.export.runners import OrtRunner, Runner, TorchRunner, TrtRunner
+from kdcompress.export.tensorrt import build_engine, import_tensorrt, require_cuda
+from kdcompress.export.verify import (
+    DEFAULT_TOLERANCES,
+    ArtifactGuard,
+    ResizedDataset,
+    Tolerances,
+    check_miou_drop,
+    compare_outputs,
+    images_of,
+    miou_of,
+    resolve_tolerances,
+    verify_against,
+)
+
+__all__ = [
+    "ExportResult", "export_checkpoint", "TARGETS", "export_onnx", "quantize_int8", "build_engine",
+    "Runner", "TorchRunner", "OrtRunner", "TrtRunner", "Tolerances", "DEFAULT_TOLERANCES",
+    "compare_outputs", "verify_against", "miou_of", "read_sidecar", "sidecar_path",
+]
+
+TARGETS = ("onnx", "ort-int8", "tensorrt")
+_PRECISIONS = {"onnx": ("fp32",), "ort-int8": ("int8",), "tensorrt": ("fp32", "fp16", "int8")}
+_DEFAULT_PRECISION = {"onnx": "fp32", "ort-int8": "int8", "tensorrt": "fp16"}
+_REQUIRED_META = ("arch", "num_classes", "mean", "std", "dataset")
+
+
+@dataclass
+class ExportResult:
+    """What an export produced and how it was verified (all metrics measured in this run)."""
+
+    target: str
+    precision: str
+    artifact: Path
+    sidecar: Path
+    parity: dict[str, Any]  # the artifact vs PyTorch (see verify_against), incl. miou_* and eval_images
+    miou_torch: float | None
+    miou_artifact: float | None
+    drop: float | None  # miou_torch - miou_artifact (absolute mIoU)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    onnx_fp32: Path | None = None
+    onnx_parity: dict[str, Any] = field(default_factory=dict)  # the fp32 ONNX vs PyTorch (== parity for --to onnx)
+    onnx_reused: bool = False
+    speed: dict[str, Any] = field(default_factory=dict)
+    eval_images: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("artifact", "sidecar", "onnx_fp32"):
+            d[k] = str(d[k]) if d[k] is not None else None
+        return d
+
+
+class _Progress:
+    """Stage lines on stderr (``✓ export ONNX 3.1 s``) and the per-stage timings."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.timings: dict[str, float] = {}
+        self.console = None
+        if enabled:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
+
+    @contextmanager
+    def stage(self, key: str, label: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        status = self.console.status(f"{label} ...") if self.console is not None else None
+        if status is not None:
+            status.start()
+        try:
+            yield
+        finally:
+            if status is not None:
+                status.stop()
+        dt = time.perf_counter() - t0
+        self.timings[key] = self.timings.get(key, 0.0) + dt
+        if self.console is not None:
+            self.console.print(f"[green]✓[/green] {label} [dim]({dt:.1f} s)[/dim]")
+
+    def note(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text)
+
+
+def _check_meta(ckpt: Path, meta: dict[str, Any], need_input_size: bool) -> None:
+    keys = _REQUIRED_META + (("input_size",) if need_input_size else ())
+    for key in keys:
+        if meta.get(key) in (None, [], ""):
+            extra = " or pass --input-size H W" if key == "input_size" else ""
+            raise CheckpointError(f"'{ckpt}' metadata lacks '{key}', which export needs. Re-create the checkpoint "
+                                  f"with `kdcompress train`/`distill`{extra}.")
+    for key in ("mean", "std"):
+        if len(meta[key]) != 3:
+            raise CheckpointError(f"'{ckpt}' metadata '{key}' must hold 3 values (RGB), got {meta[key]!r}. Re-create the checkpoint.")
+
+
+def _datasets(meta: dict[str, Any], data_root: str | Path | None, size: tuple[int, int], split: str) -> ResizedDataset:
+    from kdcompress.data import build_dataset, val_transform
+
+    root = data_root if data_root is not None else meta.get("data_root")
+    ds = build_dataset(meta["dataset"], str(root) if root is not None else None, split,
+                       val_transform(tuple(meta["mean"]), tuple(meta["std"])), **dict(meta.get("data_options") or {}))
+    k = getattr(getattr(ds, "info", None), "num_classes", None)
+    if k is not None and int(k) != int(meta["num_classes"]):
+        raise CheckpointError(f"the checkpoint predicts {meta['num_classes']} classes but dataset '{meta['dataset']}' "
+                              f"has {k}. Pass the --data-root of the dataset it was trained on.")
+    return ResizedDataset(ds, size)
+
+
+def _onnx_reusable(path: Path, ckpt_sha: str, size: tuple[int, int], dynamic_batch: bool, dynamic_spatial: bool,
+                   opset: int) -> bool:
+    """An existing fp32 ONNX can be reused only if its sidecar proves it is this export, verified and untouched."""
+    if not path.is_file():
+        return False
+    try:
+        side = read_sidecar(path, required=False)
+    except ExportError:
+        return False
+    if not side:
+        return False
+    axes = side.get("dynamic_axes", {}).get("input", {})
+    return (
+        side.get("source_checkpoint", {}).get("sha256") == ckpt_sha
+        and side.get("precision") == "fp32" and side.get("kind") == "onnx"
+        and side.get("input_size") == [int(size[0]), int(size[1])]
+        and side.get("opset") == opset
+        and ("0" in axes) == bool(dynamic_batch) and ("2" in axes) == bool(dynamic_spatial)
+        and bool(side.get("parity", {}).get("passed"))
+        and side.get("artifact_sha256") == sha256_file(path)
+    )
+
+
+def _find_reusable_onnx(default: Path, artifact: Path, ckpt_sha: str, size: tuple[int, int], dynamic_batch: bool,
+                        dynamic_spatial: bool, opset: int) -> Path | None:
+    """The default fp32 path, else any verified fp32 ``*.onnx`` beside the artifact made from this checkpoint.
+
+    Lets ``--to ort-int8 --out run/student.int8.onnx`` reuse ``run/student.onnx`` exported earlier.
+    """
+    candidates = [default] + sorted(p for p in artifact.parent.glob("*.onnx") if p not in (default, artifact))
+    for cand in candidates:
+        if _onnx_reusable(cand, ckpt_sha, size, dynamic_batch, dynamic_spatial, opset):
+            return cand
+    return None
+
+
+def _default_paths(ckpt: Path, to: str, precision: str, out_path: str | Path | None) -> tuple[Path, Path]:
+    """(artifact, fp32 onnx). The fp32 ONNX sits beside the artifact as ``<ckpt stem>.onnx``."""
+    stem = ckpt.stem
+    if to == "onnx":
+        art = Path(out_path) if out_path else ckpt.with_name(f"{stem}.onnx")
+        return art, art
+    suffix = ".int8.onnx" if to == "ort-int8" else f".{precision}.engine"
+    art = Path(out_path) if out_path else ckpt.with_name(stem + suffix)
+    fp32 = art.with_name(f"{stem}.onnx")
+    if fp32.resolve() == art.resolve():
+        fp32 = art.with_name(f"{stem}.fp32.onnx")
+    return art, fp32
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    to: str = "onnx",
+    out_path: str | Path | None = None,
+    input_size: tuple[int, int] | None = None,
+    dynamic_batch: bool = True,
+    dynamic_spatial: bool = False,
+    opset: int = DEFAULT_OPSET,
+    precision: str | None = None,
+    tolerances: Tolerances | dict[str, Any] | None = None,
+    verify_images: int = 8,
+    max_eval_images: int | None = None,
+    calib_images: int = 32,
+    data_root: str | Path | None = None,
+    progress: bool = True,
+    *,
+    workspace_mb: int = 4096,
+    timing_cache: str | Path | None = None,
+    calib_cache: str | Path | None = None,
+    min_shape: tuple[int, int, int, int] | None = None,
+    opt_shape: tuple[int, int, int, int] | None = None,
+    max_shape: tuple[int, int, int, int] | None = None,
+    benchmark_iters: int = 20,
+) -> ExportResult:
+    """Export ``ckpt_path`` to ``to`` (onnx | ort-int8 | tensorrt), verify it, write it + sidecar.
+
+    Verification runs on the checkpoint's validation split (its dataset, data_root and
+    data_options, val transform, images resized to ``input_size``): logits/argmax parity on
+    ``verify_images`` evenly spread images, then mIoU of PyTorch and of the artifact on
+    ``max_eval_images`` (None = the whole split). ``tolerances`` overrides the per-precision
+    defaults (:data:`DEFAULT_TOLERANCES`). INT8 calibrates on ``calib_images`` *training*
+    images. Raises KdError subclasses with one-line messages; nothing is left behind on failure.
+    """
+    if to not in TARGETS:
+        raise ExportError(f"Unknown export target '{to}'. Available: {', '.join(TARGETS)}")
+    precision = precision or _DEFAULT_PRECISION[to]
+    if precision not in _PRECISIONS[to]:
+        raise ExportError(f"Precision '{precision}' is not available for --to {to}. Available: {', '.join(_PRECISIONS[to])}")
+    check_opset(opset)
+    if verify_images is None or verify_images < 1:
+        raise ExportError(f"verify_images must be >= 1 (got {verify_images}): every artifact is checked on real images.")
+    if max_eval_images is not None and max_eval_images < 1:
+        raise ExportError(f"max_eval_images must be >= 1 or None for the whole split (got {max_eval_images}).")
+    if precision == "int8" and (calib_images is None or calib_images < 1) and not (calib_cache and Path(calib_cache).is_file()):
+        raise ExportError(f"calibration set is empty: --calib-images must be >= 1 for INT8 (got {calib_images}).")
+    if to == "tensorrt":  # fail before minutes of ONNX export when the machine cannot build engines
+        import_tensorrt()
+        require_cuda()
+
+    ckpt = Path(ckpt_path)
+    prog = _Progress(progress)
+    from kdcompress.engine.checkpoint import load_model
+
+    with prog.stage("load", f"load {ckpt.name}"):
+        model, meta = load_model(ckpt, "cpu")
+        _check_meta(ckpt, meta, need_input_size=input_size is None)
+        size = tuple(int(s) for s in (input_size if input_size is not None else meta["input_size"]))
+        if len(size) != 2 or min(size) < 1:
+            raise ExportError(f"input size must be (H, W) with positive sides, got {input_size or meta['input_size']!r}.")
+        check = getattr(model, "check_input_size", None)
+        if callable(check):
+            check(size)  # KdError naming the multiples that work
+        ckpt_sha = sha256_file(ckpt)
+        val = _datasets(meta, data_root, size, "val")
+        if len(val) == 0:
+            raise ExportError(f"the validation split of '{meta['dataset']}' is empty: export cannot be verified. "
+                              f"Check --data-root.")
+    tol_fp32 = resolve_tolerances("fp32", tolerances if precision == "fp32" else None)
+    tol = resolve_tolerances(precision, tolerances)
+
+    artifact, fp32_path = _default_paths(ckpt, to, precision, out_path)
+    torch_ref = TorchRunner(model, "cpu")
+    common = dict(meta=meta, input_size=size, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial,
+                  checkpoint=ckpt, checkpoint_sha256=ckpt_sha)
+    from kdcompress.export.metadata import build_sidecar
+
+    eval_config = {"dataset": meta["dataset"], "data_root": str(data_root if data_root is not None else meta.get("data_root")),
+                   "data_options": dict(meta.get("data_options") or {}), "split": "val", "input_size": list(size),
+                   "images": _n_eval(val, max_eval_images), "max_eval_images": max_eval_images}
+
+    # ---- fp32 ONNX (the artifact itself, or the verified source of INT8/TensorRT) ------------
+    miou_torch: float | None = None
+    reused = False
+    if to != "onnx":
+        found = _find_reusable_onnx(fp32_path, artifact, ckpt_sha, size, dynamic_batch, dynamic_spatial, opset)
+        if found is not None:
+            fp32_path, reused = found, True
+    fp32_parity: dict[str, Any]
+    if reused:
+        side = read_sidecar(fp32_path)
+        fp32_parity = side["parity"]
+        if fp32_parity.get("eval_config") == eval_config:  # same model, same images: same PyTorch mIoU
+            miou_torch = fp32_parity.get("miou_torch")
+        prog.note(f"[dim]reusing verified {fp32_path.name} (same checkpoint and settings)[/dim]")
+    else:
+        with ArtifactGuard(fp32_path, sidecar_path(fp32_path)):
+            with prog.stage("export_onnx", f"export ONNX (opset {opset}, dynamo)"):
+                export_onnx(model, fp32_path, size, dynamic_batch=dynamic_batch,
+                            dynamic_spatial=dynamic_spatial, opset=opset)
+            with OrtRunner(fp32_path) as ort_fp32:
+                with prog.stage("verify_onnx", f"verify ONNX fp32 on {min(verify_images, len(val))} val images"):
+                    fp32_parity = verify_against(torch_ref, ort_fp32, images_of(val, verify_images), tol_fp32)
+                with prog.stage("miou_torch", "mIoU PyTorch"):
+                    miou_torch = miou_of(torch_ref, val, max_images=max_eval_images).miou
+                with prog.stage("miou_onnx", "mIoU ONNX fp32"):
+                    miou_fp32 = miou_of(ort_fp32, val, max_images=max_eval_images).miou
+            drop_fp32 = check_miou_drop(miou_torch, miou_fp32, tol_fp32, f"ONNX fp32 '{fp32_path.name}'")
+            fp32_parity.update(miou_torch=miou_torch, miou_artifact=miou_fp32, miou_drop=drop_fp32,
+                               eval_images=_n_eval(val, max_eval_images), eval_config=eval_config, passed=True)
+            write_sidecar(fp32_path, build_sidecar(fp32_path, kind="onnx", precision="fp32", opset=opset,
+                                                   parity=fp32_parity, **common))
+    if to == "onnx":
+        return ExportResult(target=to, precision="fp32", artifact=fp32_path, sidecar=sidecar_path(fp32_path),
+                            parity=fp32_parity, miou_torch=fp32_parity["miou_torch"],
+                            miou_artifact=fp32_parity["miou_artifact"], drop=fp32_parity["miou_drop"],
+                            timings=prog.timings, onnx_fp32=fp32_path, onnx_parity=fp32_parity,
+                            eval_images=fp32_parity["eval_images"])
+
+    if miou_torch is None:
+        with prog.stage("miou_torch", "mIoU PyTorch"):
+            miou_torch = miou_of(torch_ref, val, max_images=max_eval_images).miou
+
+    calib: list[Any] = []
+    if precision == "int8" and calib_images and calib_images > 0:
+        with prog.stage("calibration_data", f"load {calib_images} training images for calibration"):
+            train = _datasets(meta, data_root, size, "train")
+            calib = calibration_images(train, calib_images, size)
+
+    speed: dict[str, Any] = {}
+    trt_cache = None
+    if to == "tensorrt" and precision == "int8":
+        trt_cache = Path(calib_cache) if calib_cache else artifact.with_name(artifact.name + ".calib")
+    # A calibration cache made by this run goes too if the engine fails (it would reproduce the failure).
+    new_cache = [trt_cache] if trt_cache is not None and not trt_cache.exists() else []
+    with ArtifactGuard(artifact, sidecar_path(artifact), *new_cache):
+        if to == "ort-int8":
+            with prog.stage("quantize", f"quantize INT8 (QDQ, per-channel, {len(calib)} calibration images)"):
+                quantize_int8(fp32_path, artifact, calib)
+            with OrtRunner(artifact) as art_runner:
+                with prog.stage("verify_artifact", "verify INT8 against PyTorch"):
+                    parity = verify_against(torch_ref, art_runner, images_of(val, verify_images), tol)
+                with prog.stage("miou_artifact", "mIoU INT8"):
+                    miou_art = miou_of(art_runner, val, max_images=max_eval_images).miou
+                drop = check_miou_drop(miou_torch, miou_art, tol, f"INT8 '{artifact.name}'")
+                with prog.stage("benchmark", "CPU latency ONNX fp32 vs INT8"), OrtRunner(fp32_path) as ort_fp32:
+                    speed = _compare_speed(ort_fp32, art_runner, size, benchmark_iters, "onnx_fp32", "int8")
+            extra = {"calibration": {"split": "train", "images": len(calib), "method": "minmax",
+                                     "format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8"},
+                     "source_onnx": fp32_path.name, "speed": speed}
+            kind, art_opset = "ort-int8", opset
+        else:
+            with prog.stage("build_engine", f"build TensorRT {precision} engine"):
+                _, trt_info = build_engine(fp32_path, artifact, precision, calib_images=calib, calib_cache=trt_cache,
+                                           min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
+                                           workspace_mb=workspace_mb, timing_cache=timing_cache)
+            extra = {"tensorrt": trt_info, "source_onnx": fp32_path.name}
+            kind, art_opset = "tensorrt", opset
+            # The loader checks the sidecar's TensorRT version/GPU, so write it before verifying.
+            write_sidecar(artifact, build_sidecar(artifact, kind=kind, precision=precision, opset=art_opset,
+                                                  parity={"passed": False, "status": "verifying"}, extra=extra, **common))
+            with TrtRunner(artifact) as art_runner:
+                torch_cuda = TorchRunner(model, "cuda")
+                with prog.stage("verify_artifact", f"verify TensorRT {precision} against PyTorch"):
+                    parity = verify_against(torch_cuda, art_runner, images_of(val, verify_images), tol)
+                with prog.stage("miou_artifact", f"mIoU TensorRT {precision}"):
+                    miou_art = miou_of(art_runner, val, max_images=max_eval_images).miou
+                drop = check_miou_drop(miou_torch, miou_art, tol, f"TensorRT {precision} '{artifact.name}'")
+                with prog.stage("benchmark", "GPU latency PyTorch vs TensorRT"):
+                    speed = _compare_speed_cuda(model, art_runner, size, benchmark_iters, precision)
+            extra["speed"] = speed
+        parity.update(miou_torch=miou_torch, miou_artifact=miou_art, miou_drop=drop,
+                      eval_images=_n_eval(val, max_eval_images), eval_config=eval_config, passed=True)
+        write_sidecar(artifact, build_sidecar(artifact, kind=kind, precision=precision, opset=art_opset,
+                                              parity=parity, extra=extra, **common))
+    return ExportResult(target=to, precision=precision, artifact=artifact, sidecar=sidecar_path(artifact),
+                        parity=parity, miou_torch=miou_torch, miou_artifact=miou_art, drop=drop,
+                        timings=prog.timings, onnx_fp32=fp32_path, onnx_parity=fp32_parity,
+                        onnx_reused=reused, speed=speed, eval_images=parity["eval_images"])
+
+
+def _n_eval(ds: Any, max_images: int | None) -> int:
+    return len(ds) if max_images is None else min(len(ds), int(max_images))
+
+
+def _compare_speed(ref: Runner, cand: Runner, size: tuple[int, int], iters: int, ref_name: str,
+                   cand_name: str) -> dict[str, Any]:
+    """Batch-1 CPU latency of two ORT sessions on the same input (median of ``iters``)."""
+    import numpy as np
+
+    from kdcompress.profiling.latency import measure_latency
+
+    if iters < 1:
+        return {}
+    x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
+    a = measure_latency(lambda: ref.infer(x), warmup=3, iters=iters)
+    b = measure_latency(lambda: cand.infer(x), warmup=3, iters=iters)
+    return {f"{ref_name}_median_ms": a["median_ms"], f"{cand_name}_median_ms": b["median_ms"],
+            "speedup": a["median_ms"] / b["median_ms"], "iters": iters, "batch": 1, "device": "cpu"}
+
+
+def _compare_speed_cuda(model: Any, runner: TrtRunner, size: tuple[int, int], iters: int, precision: str) -> dict[str, Any]:
+    """Batch-1 GPU latency of eager PyTorch fp32 vs the engine (CUDA events, synchronised)."""
+    import torch
+
+    from kdcompress.profiling.latency import measure_latency
+
+    if iters < 1:
+        return {}
+    x = torch.randn(1, 3, *size, device="cuda")
+    model = model.to("cuda").eval()
+
+    def torch_fn() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    a = measure_latency(torch_fn, warmup=5, iters=iters, device="cuda")
+    b = measure_latency(lambda: runner.infer_torch(x), warmup=5, iters=iters, device="cuda")
+    return {"torch_fp32_median_ms": a["median_ms"], f"tensorrt_{precision}_median_ms": b["median_ms"],
+            "speedup": a["median_ms"] / b["median_ms"], "iters": iters, "batch": 1, "device": "cuda"}
+
+
+def _register_profiling_backends() -> None:
+    """Let ``kdcompress.profiling.profile_target`` run engines (the core never imports export)."""
+    from kdcompress.profiling import register_backend
+
+    register_backend("tensorrt", lambda path, device="cuda", threads=None: TrtRunner(path, device))
+
+
+_register_profiling_backends()

@@ -1,0 +1,139 @@
+"""report.json + report.md with tables and plots (training curves, per-class IoU, latency per backend)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kdcompress.engine.checkpoint import atomic_write, atomic_write_text
+
+
+def _curve(log: str | None) -> tuple[list[int], list[float], list[int], list[float]]:
+    steps, loss, vsteps, miou = [], [], [], []
+    if not log or not Path(log).is_file():
+        return steps, loss, vsteps, miou
+    for line in Path(log).read_text().splitlines():
+        d = json.loads(line)
+        if "val" in d:
+            vsteps.append(d["step"])
+            miou.append(d["val"]["mIoU"])
+        elif "task" in d:
+            steps.append(d["step"])
+            loss.append(d["task"])
+    return steps, loss, vsteps, miou
+
+
+def _plots(out: Path, report: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    files: dict[str, str] = {}
+
+    def save(fig: Any, name: str) -> None:
+        atomic_write(plots / name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        plt.close(fig)
+        files[name[:-4]] = f"plots/{name}"
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for label, key in (("teacher", "teacher"), ("student (plain)", "baseline"), ("student (distilled)", "student")):
+        rec = report.get(key) or {}
+        s, l, vs, m = _curve(rec.get("log"))
+        if s:
+            a1.plot(s, l, label=label)
+        if vs:
+            a2.plot(vs, m, marker="o", label=label)
+    a1.set(xlabel="step", ylabel="task loss (CE)", title="training loss")
+    a2.set(xlabel="step", ylabel="val mIoU", title="validation mIoU")
+    a1.legend(), a2.legend()
+    save(fig, "training_curves.png")
+
+    ev = report["evaluation"]
+    names = list(next(iter(ev.values()))["per_class_iou"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 3.5))
+    width = 0.8 / len(ev)
+    for i, (label, res) in enumerate(ev.items()):
+        vals = [res["per_class_iou"][n] or 0.0 for n in names]
+        ax.bar([j + i * width for j in range(len(names))], vals, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=45, ha="right")
+    ax.set(ylabel="IoU", title="per-class IoU (validation)")
+    ax.legend()
+    save(fig, "per_class_iou.png")
+
+    rows = report["profile"]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
+    ax.barh([r["label"] for r in rows], [r["latency_ms"]["median_ms"] for r in rows])
+    ax.invert_yaxis()
+    ax.set(xlabel="median latency (ms)", title=f"latency per backend ({rows[0]['device']}, batch {rows[0]['batch']}, "
+                                                 f"{rows[0]['input_size'][0]}x{rows[0]['input_size'][1]})")
+    save(fig, "latency.png")
+    return files
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    ev = report["evaluation"]
+    lines = [f"# kdcompress pipeline report: {report['recipe']}", "",
+             f"Run folder `{report['run']}`, total wall time {report['wall_s']:.0f} s.", "",
+             "## Accuracy (validation split)", "", "| model | arch | mIoU | aAcc | mAcc |", "|---|---|---|---|---|"]
+    for label, res in ev.items():
+        lines.append(f"| {label} | {res['arch']} | {_pct(res['mIoU'])} | {_pct(res['aAcc'])} | {_pct(res['mAcc'])} |")
+    t, s = ev.get("teacher"), ev.get("student (distilled)")
+    b = ev.get("student (plain)")
+    if t and s and b:
+        gap = t["mIoU"] - b["mIoU"]
+        rec = (s["mIoU"] - b["mIoU"]) / gap if gap > 0 else float("nan")
+        lines += ["", f"Distillation gain over the plain student: {100 * (s['mIoU'] - b['mIoU']):+.2f} mIoU points "
+                      f"({100 * rec:.0f} % of the teacher–student gap)."]
+    names = list(next(iter(ev.values()))["per_class_iou"])
+    lines += ["", "### Per-class IoU", "", "| class | " + " | ".join(ev) + " |", "|---" * (len(ev) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(_pct(r["per_class_iou"][n]) for r in ev.values()) + " |")
+    lines += ["", "## Exports (verified against PyTorch)", "",
+              "| artifact | precision | max abs Δ logits | argmax agreement | mIoU PyTorch | mIoU artifact | drop |",
+              "|---|---|---|---|---|---|---|"]
+    for name, e in report["exports"].items():
+        if "skipped" in e:
+            lines.append(f"| {name} | skipped: {e['skipped']} | | | | | |")
+            continue
+        ma = "n/a" if e.get("max_abs") is None else f"{e['max_abs']:.2e}"
+        ag = "n/a" if e.get("argmax_agreement") is None else f"{e['argmax_agreement']:.5f}"
+        lines.append(f"| `{Path(e['artifact']).name}` | {e['precision']} | {ma} | {ag} | {_pct(e['miou_torch'])} | "
+                     f"{_pct(e['miou_artifact'])} | {100 * e['drop']:+.2f} |")
+    rows = report["profile"]
+    r0 = rows[0]
+    lines += ["", f"## Efficiency (batch {r0['batch']}, {r0['input_size'][0]}x{r0['input_size'][1]}, {r0['device']})", "",
+              "| model | backend | params (M) | GMACs | memory (MB) | latency median / p90 / p99 (ms) | FPS |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lat = r["latency_ms"]
+        gm = "n/a" if r.get("gmacs") is None else f"{r['gmacs']:.2f}"
+        mem = "n/a" if r.get("memory_mb") is None else f"{r['memory_mb']:.0f}"
+        lines.append(f"| {r['label']} | {r['backend']} {r.get('precision') or ''} | {r['params_m']:.2f} | {gm} | {mem} | "
+                     f"{lat['median_ms']:.2f} / {lat['p90_ms']:.2f} / {lat['p99_ms']:.2f} | {r['fps']:.1f} |")
+    lines += ["", "GMACs are multiply-accumulates (the papers' \"FLOPs\"); GFLOPs = 2 × GMACs.",
+              f"Environment: `{json.dumps(r0.get('env', {}))}`"]
+    if report["gates"]:
+        lines += ["", "## Gates", "", "| gate | what | value | limit | result |", "|---|---|---|---|---|"]
+        for g in report["gates"]:
+            lines.append(f"| {g['gate']} | {g['what']} | {g['value']:.4g} | {g['limit']:.4g} | "
+                         f"{'pass' if g['passed'] else '**FAIL**'} |")
+    lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
+    lines += ["", "## Stages", "", "| stage | wall (s) | skipped |", "|---|---|---|"]
+    for k, v in report["stages"].items():
+        lines.append(f"| {k} | {v['wall_s']:.1f} | {bool(v['skipped'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    plots = _plots(out, report)
+    report["plots"] = plots
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str))
+    atomic_write_text(out / "report.md", _markdown(report, plots))

@@ -1,0 +1,179 @@
+"""One inference interface over PyTorch, ONNX Runtime and TensorRT (Polygraphy-style runners).
+
+Every runner takes an NCHW float32 batch (numpy or torch) of *normalised* images and returns
+the logits as a float32 numpy array, so verification and benchmarks can compare any two.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcompress.errors import ExportError, KdError, MissingDependencyError
+from kdcompress.profiling.latency import create_ort_session
+
+
+def _as_batch(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise KdError(f"runners take an N x 3 x H x W image batch, got shape {tuple(x.shape)}.")
+    return x
+
+
+class Runner(ABC):
+    """``infer(batch) -> logits``; usable as a context manager that calls ``close``."""
+
+    name: str = "runner"
+
+    @abstractmethod
+    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Logits (N x K x H x W float32 numpy) for a normalised N x 3 x H x W batch."""
+
+    def close(self) -> None:
+        """Release sessions / GPU memory; idempotent."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class TorchRunner(Runner):
+    """The eager PyTorch model: the reference every artifact is compared with."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MissingDependencyError("CUDA was requested but torch.cuda.is_available() is False. Use device 'cpu'.")
+        self.model = model.to(self.device).eval()
+        self.name = f"torch-{self.device.type}"
+
+    @torch.inference_mode()
+    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = _as_batch(x)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
+        out = self.model(t.to(self.device, torch.float32))
+        if isinstance(out, dict):  # torchvision-style {"out": ...}
+            out = out["out"]
+        return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime session; CPU EP unless ``providers`` asks for another (never a silent fallback)."""
+
+    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | str | None = None,
+                 intra_op_num_threads: int | None = None, optimization_level: str = "all") -> None:
+        self.path = Path(onnx_path)
+        self.session = create_ort_session(self.path, providers, intra_op_num_threads=intra_op_num_threads,
+                                          optimization_level=optimization_level)
+        self.providers = self.session.get_providers()
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.name = f"ort-{self.providers[0].replace('ExecutionProvider', '').lower()}"
+
+    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = _as_batch(x)
+        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        try:
+            (out,) = self.session.run([self.output_name], {self.input_name: arr})
+        except Exception as e:
+            shape = [d for d in self.session.get_inputs()[0].shape]
+            raise ExportError(f"ONNX Runtime failed on an input of shape {list(arr.shape)} (model expects {shape}): "
+                              f"{str(e).strip().splitlines()[0][:200]}. Feed the exported size or export with dynamic axes.") from e
+        return np.asarray(out, dtype=np.float32)
+
+    def close(self) -> None:
+        self.session = None
+
+
+class TrtRunner(Runner):
+    """A TensorRT 10 engine executed with torch CUDA tensors as I/O buffers (no pycuda).
+
+    The sidecar's TensorRT version and GPU are checked before deserialising (see
+    :func:`kdcompress.export.tensorrt.load_engine`).
+    """
+
+    def __init__(self, engine_path: str | Path, device: str | torch.device = "cuda") -> None:
+        from kdcompress.export.tensorrt import import_tensorrt, load_engine, require_cuda
+
+        self.trt = import_tensorrt()
+        require_cuda()
+        self.device = torch.device(device)
+        self.path = Path(engine_path)
+        self.engine, self._runtime = load_engine(self.path)
+        trt = self.trt
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(self.inputs) != 1 or len(self.outputs) != 1:
+            raise ExportError(f"engine '{self.path.name}' has inputs {self.inputs} and outputs {self.outputs}; expected one of each.")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise ExportError(f"TensorRT could not create an execution context for '{self.path.name}' (out of GPU memory?).")
+        self.stream = torch.cuda.Stream(device=self.device)
+        self.name = "tensorrt"
+
+    def _torch_dtype(self, name: str) -> torch.dtype:
+        trt = self.trt
+        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8,
+                 trt.int32: torch.int32, trt.bool: torch.bool}
+        if hasattr(trt, "int64"):
+            table[trt.int64] = torch.int64
+        if hasattr(trt, "bf16"):
+            table[trt.bf16] = torch.bfloat16
+        return table[self.engine.get_tensor_dtype(name)]
+
+    def infer_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """GPU in, GPU out (no host copies): what latency benchmarks time."""
+        x = _as_batch(x)
+        inp, out_name = self.inputs[0], self.outputs[0]
+        x = x.to(self.device, self._torch_dtype(inp)).contiguous()
+        if not self.context.set_input_shape(inp, tuple(x.shape)):
+            lo, opt, hi = self.engine.get_tensor_profile_shape(inp, 0)
+            raise ExportError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile "
+                              f"(min {tuple(lo)}, max {tuple(hi)}). Rebuild the engine with a wider profile.")
+        out = torch.empty(tuple(self.context.get_tensor_shape(out_name)), dtype=self._torch_dtype(out_name),
+                          device=self.device)
+        self.context.set_tensor_address(inp, x.data_ptr())
+        self.context.set_tensor_address(out_name, out.data_ptr())
+        # TensorRT must see the input written before it runs on its own stream.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ExportError(f"TensorRT execution failed for '{self.path.name}' (see the TensorRT log above).")
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        x.record_stream(self.stream)
+        out.record_stream(self.stream)
+        return out
+
+    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
+        out = self.infer_torch(t)
+        self.stream.synchronize()
+        return out.float().cpu().numpy()
+
+    def device_memory_bytes(self) -> int:
+        """Activation/scratch memory TensorRT allocates for the context (outside torch's allocator)."""
+        if hasattr(self.engine, "device_memory_size_v2"):
+            return int(self.engine.device_memory_size_v2)
+        return int(self.engine.device_memory_size)
+
+    def close(self) -> None:
+        self.context = None
+        self.engine = None
+        self._runtime = None

@@ -1,0 +1,83 @@
+"""`kdcompress pipeline` end to end on tiny data: artifacts, report, re-run skipping, gates, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.cli_helpers import run_cli
+from tests.integration.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pipe")
+    recipe = dict(TINY, distill={"method": "attnfd"},
+                  pipeline={"calib_images": 4, "verify_images": 2, "profile_iters": 3})
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path, root / "run"
+
+
+def test_pipeline_end_to_end_then_skips(pipeline_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    recipe, out = pipeline_run
+    res = run_cli(capsys, "pipeline", recipe, "--out", out, "--no-progress")
+    assert res.code == 0, res.err
+    for rel in ("teacher/model.pt", "student-none/model.pt", "student/model.pt", "artifacts/student.onnx",
+                "artifacts/student.onnx.json", "artifacts/student.int8.onnx", "artifacts/student.int8.onnx.json",
+                "report.json", "report.md", "recipe.yaml", "plots/training_curves.png", "plots/per_class_iou.png",
+                "plots/latency.png"):
+        assert (out / rel).is_file(), rel
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["evaluation"]) == {"teacher", "student (plain)", "student (distilled)"}
+    assert report["exports"]["onnx"]["argmax_agreement"] >= 0.999
+    assert [r["label"] for r in report["profile"]][-2:] == ["student onnx", "student ort-int8"]
+    md = (out / "report.md").read_text()
+    assert "## Exports" in md and "## Efficiency" in md and "![latency]" in md
+
+    res = run_cli(capsys, "pipeline", recipe, "--out", out, "--no-progress")
+    assert res.code == 0
+    assert res.err.count("up to date, skipped") == 6
+
+    # a damaged output is detected and its stage runs again
+    (out / "artifacts" / "student.int8.onnx").unlink()
+    res = run_cli(capsys, "pipeline", recipe, "--out", out, "--no-progress")
+    assert res.code == 0 and "export: recorded outputs failed their check" in res.err
+    assert (out / "artifacts" / "student.int8.onnx").is_file()
+
+
+def test_gates_fail_with_distinct_exit_code(pipeline_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    recipe, out = pipeline_run
+    if not (out / "report.json").is_file():
+        pytest.skip("needs the end-to-end run")
+    res = run_cli(capsys, "pipeline", recipe, "--out", out, "--no-progress", "--min-miou", "0.99")
+    assert res.code == 3, res.err
+    assert "Gate 'min_miou' failed" in res.err
+    res = run_cli(capsys, "pipeline", recipe, "--out", out, "--no-progress", "--max-latency-ms", "0.0001")
+    assert res.code == 3 and "Gate 'max_latency_ms' failed" in res.err
+    res = run_cli(capsys, "pipeline", recipe, "--out", out, "--no-progress", "--max-export-drop", "1.0",
+                  "--min-fps", "0.001")
+    assert res.code == 0, res.err
+    gates = json.loads((out / "report.json").read_text())["gates"]
+    assert {g["gate"] for g in gates} == {"max_export_drop", "min_fps"} and all(g["passed"] for g in gates)
+
+
+def test_pipeline_bad_input(pipeline_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe, out = pipeline_run
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(dict(TINY, pipeline={"exprt": ["onnx"]})))
+    res = run_cli(capsys, "pipeline", bad, "--out", tmp_path / "r")
+    assert res.code == 2 and "pipeline.exprt" in res.err
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(dict(TINY, name="other")))
+    if (out / "pipeline.json").is_file():
+        res = run_cli(capsys, "pipeline", other, "--out", out)
+        assert res.code == 2 and "another recipe" in res.err and "--force" in res.err
+    (tmp_path / "notrun").mkdir()
+    (tmp_path / "notrun" / "x.txt").write_text("mine")
+    res = run_cli(capsys, "pipeline", other, "--out", tmp_path / "notrun")
+    assert res.code == 2 and "not a pipeline run" in res.err
+    assert (tmp_path / "notrun" / "x.txt").read_text() == "mine"
