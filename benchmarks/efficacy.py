@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override, e.g. student.train.steps=300")
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="use this teacher checkpoint (e.g. from `kdcompress pipeline digits`) instead of training one")
     ap.add_argument("--work", type=Path, default=None, help="cache folder (default $KDCOMPRESS_CACHE/efficacy)")
     ap.add_argument("--out", type=Path, default=RESULTS / "efficacy.json")
     args = ap.parse_args()
@@ -49,8 +51,8 @@ def main() -> None:
     key = json.dumps([asdict(base.data), asdict(base.teacher), asdict(role_train(base, "teacher"))], sort_keys=True)
     import hashlib
 
-    tdir = work / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    tckpt = tdir / "model.pt"
+    tdir = args.teacher.parent if args.teacher else work / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    tckpt = args.teacher or tdir / "model.pt"
     done = tckpt.is_file() and load_model_checkpoint(tckpt)["meta"].get("step") == \
         load_model_checkpoint(tckpt)["meta"].get("total_steps")
     if done:

@@ -47,7 +47,7 @@ class TrainConfig:
     power: float = 0.9
     warmup_steps: int = 0
     grad_clip: float | None = None
-    amp: bool = True  # used on CUDA only
+    amp: bool = True  # fp16 on CUDA, bf16 on CPUs with native bf16 (trainer.amp_dtype_for)
     val_every: int = 0  # 0: only at the end
     ckpt_every: int = 0  # 0: only at the end
     seed: int = 0

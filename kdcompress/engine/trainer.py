@@ -140,6 +140,16 @@ def lr_lambda(t: TrainConfig, total: int) -> Callable[[int], float]:
     return fn
 
 
+def amp_dtype_for(device: torch.device) -> torch.dtype | None:
+    """Mixed precision where the device runs it natively: fp16 on CUDA, bf16 on CPUs with
+    AVX512-BF16/AMX (oneDNN), otherwise none (emulated bf16 would be slower than fp32)."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def build_optimizer(params: list[nn.Parameter], t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -300,8 +310,9 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
     steps_per_epoch = (len(train_set) // world) // per_rank_batch
     total = tcfg.steps if tcfg.steps is not None else tcfg.epochs * max(1, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total))
-    use_amp = tcfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = amp_dtype_for(device) if tcfg.amp else None
+    use_amp = amp_dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step = 0
     if resume:
@@ -348,7 +359,7 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
         dist_utils.broadcast_buffers(task.student)
         res = evaluate_model(task.student, val_set, info.num_classes, info.ignore_index,
                              recipe.data.val_batch_size, device, recipe.data.max_val_images, progress=False,
-                             amp=use_amp)
+                             amp=device.type == "cuda" and use_amp)
         out = res.as_dict(info.class_names)
         log({"step": step, "val": out})
         return out
@@ -375,7 +386,7 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
             images, labels = next(batches)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                 t_feats = None
                 if teacher is not None:
                     with torch.no_grad(), record(teacher, teacher_taps) as tf:
