@@ -96,7 +96,9 @@ def main() -> None:
             else:
                 res = train(r, "student", rdir, force=True, progress=True)
                 row = {"method": label, "seed": seed, "mIoU": res.metrics["mIoU"], "wall_s": res.wall_s}
-                cached.write_text(json.dumps(row))
+                tmp = cached.with_suffix(".tmp")
+                tmp.write_text(json.dumps(row))
+                tmp.replace(cached)  # atomic: an interrupted run never leaves a half-written result
             runs.append(row)
             print(f"{label:16s} seed {seed}: mIoU {row['mIoU']:.4f} ({row['wall_s']:.0f} s)", flush=True)
 
@@ -126,7 +128,9 @@ def main() -> None:
            "runs_wall_s": sum(x["wall_s"] for x in runs), "torch_threads": torch.get_num_threads(),
            "environment": environment("cpu")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(args.out)
     print(f"saved {args.out}")
 
 

@@ -29,7 +29,7 @@ def one(method: str, teacher: str, student: str, size: tuple[int, int], batch: i
         warmup: int, amp: bool) -> dict:
     import torch
 
-    from kdcompress.engine.trainer import TrainTask
+    from kdcompress.engine.trainer import TrainTask, amp_dtype_for
     from kdcompress.methods import build_method
     from kdcompress.models import build_model
     from kdcompress.profiling.latency import CpuPeakMemory
@@ -50,7 +50,9 @@ def one(method: str, teacher: str, student: str, size: tuple[int, int], batch: i
         taps = list(meth.taps)
     task = TrainTask(s_model, meth, taps, 255).to(dev).train()
     opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    # Same mixed precision as the trainer: fp16 + GradScaler on CUDA, bf16 on CPUs that run it natively.
+    amp_dtype = amp_dtype_for(dev) if amp else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     x = torch.randn(batch, 3, *size, device=dev)
     y = torch.randint(0, k, (batch, *size), device=dev)
     # "none" still runs the teacher forward on the default methods' taps: the ratio isolates the loss.
@@ -58,7 +60,7 @@ def one(method: str, teacher: str, student: str, size: tuple[int, int], batch: i
     weights = meth.loss_weights() if meth is not None else {}
 
     def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             with torch.no_grad(), record(t_model, t_taps) as tf:
                 t_model(x)
                 feats = dict(tf)
@@ -69,10 +71,10 @@ def one(method: str, teacher: str, student: str, size: tuple[int, int], batch: i
         scaler.step(opt)
         scaler.update()
 
-    for _ in range(warmup):
-        step()
     times = []
     if dev.type == "cuda":
+        for _ in range(warmup):
+            step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -85,7 +87,10 @@ def one(method: str, teacher: str, student: str, size: tuple[int, int], batch: i
                "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20, "baseline_mib": base / 2**20}
         peak = mem["peak_allocated_mib"]
     else:
+        # From before the first step: after warm-up the allocator already holds the activations.
         with CpuPeakMemory() as pm:
+            for _ in range(warmup):
+                step()
             for _ in range(steps):
                 t0 = time.perf_counter()
                 step()
@@ -94,6 +99,7 @@ def one(method: str, teacher: str, student: str, size: tuple[int, int], batch: i
         peak = mem["peak_rss_growth_mib"]
     extra = sum(p.numel() for p in meth.parameters()) if meth is not None else 0
     return {"method": method, "median_step_s": statistics.median(times), "steps": steps, "peak_mib": peak,
+            "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "memory": mem, "method_params": extra}
 
 
@@ -122,7 +128,7 @@ def main() -> None:
     else:
         # The built-in recipe's shapes (profiles/recipes/digits.yaml).
         configs = [("deeplabv3plus-r18", "deeplabv3plus-mbv2")]
-        size, batch, steps, warmup, amp = (96, 96), 16, args.steps or 8, 2, False
+        size, batch, steps, warmup, amp = (96, 96), 16, args.steps or 10, 2, True
     rows = []
     for teacher, student in configs:
         for method in METHODS:
@@ -145,7 +151,7 @@ def main() -> None:
         print(f"{r['teacher'] + ' -> ' + r['student']:45s} {r['method']:7s} {r['time_ratio']:11.3f} {mr:>13s}")
     out = {"benchmark": "kd_overhead", "device": args.device, "input_size": list(size), "batch": batch, "amp": amp,
            "steps": steps, "warmup": warmup, "memory_measure": "CUDA max_memory_allocated" if args.device == "cuda"
-           else "peak RSS growth over the timed steps", "environment": environment(args.device), "rows": rows}
+           else "peak RSS growth from before the first step (warm-up included)", "environment": environment(args.device), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"kd_overhead_{args.device}.json"
     path.write_text(json.dumps(out, indent=2))
