@@ -56,7 +56,7 @@ def main() -> None:
 
     from kdcompress.config import load_recipe, role_train
     from kdcompress.data.digits import cache_dir
-    from kdcompress.engine.checkpoint import load_model_checkpoint
+    from kdcompress.engine.checkpoint import atomic_write_text, load_model_checkpoint
     from kdcompress.engine.trainer import train
     from kdcompress.profiling.latency import environment
 
@@ -69,10 +69,9 @@ def main() -> None:
 
     tdir = args.teacher.parent if args.teacher else work / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     tckpt = args.teacher or tdir / "model.pt"
-    done = tckpt.is_file() and load_model_checkpoint(tckpt)["meta"].get("step") == \
-        load_model_checkpoint(tckpt)["meta"].get("total_steps")
-    if done:
-        teacher_miou = load_model_checkpoint(tckpt)["meta"]["metrics"]["mIoU"]
+    meta = load_model_checkpoint(tckpt)["meta"] if tckpt.is_file() else {}
+    if meta and meta.get("step") == meta.get("total_steps"):
+        teacher_miou = meta["metrics"]["mIoU"]
         teacher_wall = None
         print(f"teacher (cached): {tckpt}  mIoU {teacher_miou:.4f}", flush=True)
     else:
@@ -96,9 +95,7 @@ def main() -> None:
             else:
                 res = train(r, "student", rdir, force=True, progress=True)
                 row = {"method": label, "seed": seed, "mIoU": res.metrics["mIoU"], "wall_s": res.wall_s}
-                tmp = cached.with_suffix(".tmp")
-                tmp.write_text(json.dumps(row))
-                tmp.replace(cached)  # atomic: an interrupted run never leaves a half-written result
+                atomic_write_text(cached, json.dumps(row))  # an interrupted run never leaves half a result
             runs.append(row)
             print(f"{label:16s} seed {seed}: mIoU {row['mIoU']:.4f} ({row['wall_s']:.0f} s)", flush=True)
 
@@ -127,10 +124,7 @@ def main() -> None:
            "wall_s": time.perf_counter() - t_start,
            "runs_wall_s": sum(x["wall_s"] for x in runs), "torch_threads": torch.get_num_threads(),
            "environment": environment("cpu")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"saved {args.out}")
 
 
