@@ -1,131 +1,233 @@
 """Efficacy on the built-in dataset: does each method beat plain training and logit KD?
 
-One teacher is trained once with the recipe's teacher schedule (cached), then the student is
-trained with every method over several seeds on the *same* schedule. Prints and saves a table
-like AttnFD Table 1: mIoU mean ± std, gain over ``none``, share of the teacher–student gap
-recovered. Each finished run is cached, so an interrupted benchmark continues where it stopped.
+The recipe's teacher is trained once (cached), then the student is trained with every method
+(and variant) over several seeds on the *same* schedule, both starting from the recipe's
+pretrained backbones (the built-in ``digits`` pretraining). Prints and saves a table like
+AttnFD Table 1: mIoU mean ± std, gain over ``none``, share of the teacher–student gap
+recovered, plus two measurements of *how* the signal reaches the student:
 
-    python benchmarks/efficacy.py                       # recipe digits, 3 seeds, all methods
-    python benchmarks/efficacy.py --seeds 0 1 --methods none attnfd attnfd:alpha=50
+* ``grad_ratio``: ‖∂(weighted distillation)/∂F‖ ÷ ‖∂task/∂F‖ at the student's tapped maps F,
+  at the first and the last step (the trainer logs it);
+* ``cka``: linear CKA between the student's and the teacher's ``backbone`` maps on validation
+  images, at the student's initialisation and after training. The ``none`` row is the CE-only
+  control: how far task training alone moves the student's features toward the teacher's, so a
+  falling distillation term is not mistaken for distillation.
 
-A method given as ``name:key=value,...`` is a variant with those hyperparameters (its own row);
-plain names run with the method's defaults (the recipe's ``distill.hparams`` are not applied, so
-every method is measured as specified).
+Each finished run is cached, so an interrupted benchmark continues where it stopped.
 
-Saves ``benchmarks/results/efficacy.json``.
+    python benchmarks/efficacy.py                       # recipe digits, 3 seeds, the default rows
+    python benchmarks/efficacy.py --seeds 0 --methods none cankd:taps=stage4 acam:detach_kv=0
+
+A row ``name:key=value,...`` is a variant: ``taps=a+b`` sets the taps, ``warmup=0.1`` the
+trainer's distillation warm-up, any other key a method hyperparameter. A plain name runs the
+method's defaults (the recipe's ``distill`` hparams/taps/warm-up are not applied, so each method
+is measured as shipped). Saves ``benchmarks/results/efficacy.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["none", "kd", "mse", "attnfd", "acam", "cankd"]
+# Every registered method at its defaults, then the variants that measure each fix of issue 10.
+VARIANTS = [
+    "attnfd:alpha=1",  # the spec's alpha (paper) against the calibrated default
+    "attnfd:adapter_steps=40",  # the authors' two-phase schedule (adapters first)
+    "acam:detach_kv=0,mask_distill_grad=1,center_logits=0,warmup=0",  # the paper-literal ACAM-KD
+    "cankd:taps=backbone",  # the pre-ReLU tap against the authors' post-ReLU stage4
+    "mse:taps=stage4",  # plain feature MSE on CanKD's tap: what the cross-attention adds
+]
+ABLATIONS = [  # one ACAM fix switched off at a time (first seed only, for the time budget)
+    "acam:detach_kv=0", "acam:mask_distill_grad=1", "acam:center_logits=0", "acam:warmup=0",
+]
 
 
-def parse_variant(label: str) -> tuple[str, dict[str, float]]:
-    """'attnfd:alpha=50,...' -> ('attnfd', {'alpha': 50.0}); a plain name has no overrides."""
+def default_rows() -> list[str]:
+    from kdcompress.methods import METHODS
+
+    first = ["none", "kd"]
+    return first + [m for m in METHODS.names() if m not in first] + VARIANTS
+
+
+def parse_variant(label: str) -> tuple[str, dict[str, float], list[str] | None, float | None]:
+    """'acam:detach_kv=0,warmup=0.1' -> ('acam', {'detach_kv': 0.0}, None, 0.1)."""
     method, _, rest = label.partition(":")
-    hparams = {}
+    hparams: dict[str, float] = {}
+    taps, warmup = None, None
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"bad method variant {label!r}: write name:key=value[,key=value]")
-        hparams[key] = float(value)
-    return method, hparams
+        if key == "taps":
+            taps = value.split("+")
+        elif key == "warmup":
+            warmup = float(value)
+        else:
+            hparams[key] = float(value)
+    return method, hparams, taps, warmup
+
+
+def linear_cka(x: Any, y: Any) -> float:
+    """Linear CKA of two N×P / N×Q feature matrices (rows: positions of all images)."""
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    num = (y.T @ x).pow(2).sum()
+    return float(num / ((x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()))
+
+
+def feature_cka(student: Any, teacher: Any, images: Any, tap: str = "backbone") -> float:
+    import torch
+    import torch.nn.functional as F
+
+    from kdcompress.taps import record
+
+    student.eval()
+    with torch.no_grad(), record(student, [tap]) as fs, record(teacher, [tap]) as ft:
+        student(images)
+        teacher(images)
+        s, t = fs[tap].float(), ft[tap].float()
+        if s.shape[-2:] != t.shape[-2:]:
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        return linear_cka(s.permute(0, 2, 3, 1).flatten(0, 2), t.permute(0, 2, 3, 1).flatten(0, 2))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="digits")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--methods", nargs="+", default=None, help="rows (default: every method + the variants)")
+    ap.add_argument("--ablations", nargs="*", default=ABLATIONS, help="rows run on the first seed only")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override, e.g. student.train.steps=300")
-    ap.add_argument("--teacher", type=Path, default=None,
-                    help="use this teacher checkpoint (e.g. from `kdcompress pipeline digits`) instead of training one")
     ap.add_argument("--work", type=Path, default=None, help="cache folder (default $KDCOMPRESS_CACHE/efficacy)")
+    ap.add_argument("--cka-images", type=int, default=32)
     ap.add_argument("--out", type=Path, default=RESULTS / "efficacy.json")
     args = ap.parse_args()
+    rows = args.methods or default_rows()
 
     import torch
 
     from kdcompress.config import load_recipe, role_train
+    from kdcompress.data import seg_collate
     from kdcompress.data.digits import cache_dir
-    from kdcompress.engine.checkpoint import atomic_write_text, load_model_checkpoint
-    from kdcompress.engine.trainer import train
+    from kdcompress.engine.checkpoint import atomic_write_text, load_model, load_model_checkpoint
+    from kdcompress.engine.trainer import build_datasets, seed_everything, train
+    from kdcompress.models import backbone_of, build_model
+    from kdcompress.pretrain import read_pretrain_record, resolve_pretrained
     from kdcompress.profiling.latency import environment
 
     base = load_recipe(args.recipe, args.sets)
     work = args.work or cache_dir() / "efficacy"
     t_start = time.perf_counter()
 
-    key = json.dumps([asdict(base.data), asdict(base.teacher), asdict(role_train(base, "teacher"))], sort_keys=True)
-    import hashlib
+    def pretrained(role: str) -> Any:
+        mc = getattr(base, role)
+        return resolve_pretrained(mc.pretrained, backbone_of(mc.model), data_name=base.data.name,
+                                  data_seed=int(base.data.options.get("seed", 0)), cfg=base.pretrain)
 
-    tdir = args.teacher.parent if args.teacher else work / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    tckpt = args.teacher or tdir / "model.pt"
+    pre = {role: pretrained(role) for role in ("teacher", "student")}
+    pre_info = {role: (read_pretrain_record(p) if p else None) for role, p in pre.items()}
+
+    key = json.dumps([asdict(base.data), asdict(base.teacher), asdict(role_train(base, "teacher")),
+                      asdict(base.pretrain)], sort_keys=True)
+    tdir = work / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    tckpt = tdir / "model.pt"
     meta = load_model_checkpoint(tckpt)["meta"] if tckpt.is_file() else {}
     if meta and meta.get("step") == meta.get("total_steps"):
-        teacher_miou = meta["metrics"]["mIoU"]
-        teacher_wall = None
+        teacher_miou, teacher_wall = meta["metrics"]["mIoU"], None
         print(f"teacher (cached): {tckpt}  mIoU {teacher_miou:.4f}", flush=True)
     else:
         res = train(base, "teacher", tdir, resume=(tdir / "state.pt").is_file(), force=True)
         teacher_miou, teacher_wall = res.metrics["mIoU"], res.wall_s
         print(f"teacher: mIoU {teacher_miou:.4f} in {res.wall_s:.0f} s", flush=True)
+    teacher, _ = load_model(tckpt)
+    _, val_set = build_datasets(base.data)
+    images, _ = seg_collate([val_set[i] for i in range(min(args.cka_images, len(val_set)))])
+    num_classes = int(teacher.num_classes)
 
+    def init_cka(seed: int) -> float:
+        seed_everything(seed)
+        return feature_cka(build_model(base.student.model, num_classes, base.student.output_stride,
+                                       pre["student"] or False), teacher, images)
+
+    plan = [(label, seed) for label in rows for seed in args.seeds]
+    plan += [(label, args.seeds[0]) for label in args.ablations if label not in rows]
     runs = []
-    for label in args.methods:
-        method, hparams = parse_variant(label)
-        for seed in args.seeds:
-            r = load_recipe(args.recipe, args.sets + [f"student.train.seed={seed}", f"distill.method={method}",
-                                                      f"distill.teacher_checkpoint={tckpt}"])
-            r.distill.hparams = hparams
-            rkey = json.dumps([asdict(r.data), asdict(r.student), asdict(role_train(r, "student")),
-                               asdict(r.distill), str(tdir)], sort_keys=True)
-            rdir = work / f"{method}-s{seed}-{hashlib.sha256(rkey.encode()).hexdigest()[:12]}"
-            cached = rdir / "result.json"
-            if cached.is_file():
-                row = json.loads(cached.read_text())
-            else:
-                res = train(r, "student", rdir, force=True, progress=True)
-                row = {"method": label, "seed": seed, "mIoU": res.metrics["mIoU"], "wall_s": res.wall_s}
-                atomic_write_text(cached, json.dumps(row))  # an interrupted run never leaves half a result
-            runs.append(row)
-            print(f"{label:16s} seed {seed}: mIoU {row['mIoU']:.4f} ({row['wall_s']:.0f} s)", flush=True)
+    for label, seed in plan:
+        method, hparams, taps, warmup = parse_variant(label)
+        r = load_recipe(args.recipe, args.sets + [f"student.train.seed={seed}", f"distill.method={method}",
+                                                  f"distill.teacher_checkpoint={tckpt}"])
+        r.distill.hparams, r.distill.taps = hparams, taps
+        r.distill.warmup = warmup  # None: the method's own default
+        rkey = json.dumps([asdict(r.data), asdict(r.student), asdict(role_train(r, "student")), asdict(r.pretrain),
+                           asdict(r.distill) | {"teacher_checkpoint": None}, str(tdir), label], sort_keys=True)
+        rdir = work / f"{method}-s{seed}-{hashlib.sha256(rkey.encode()).hexdigest()[:12]}"
+        cached = rdir / "result.json"
+        if cached.is_file():
+            row = json.loads(cached.read_text())
+        else:
+            res = train(r, "student", rdir, force=True, progress=False)
+            student, _ = load_model(res.model_path)
+            curve = [(json.loads(x)) for x in (rdir / "metrics.jsonl").read_text().splitlines()]
+            row = {"method": label, "seed": seed, "mIoU": res.metrics["mIoU"], "wall_s": res.wall_s,
+                   "grad_ratio": res.grad_ratio, "cka_end": feature_cka(student, teacher, images),
+                   "cka_init": init_cka(seed),
+                   "curve": [[c["step"], c["val"]["mIoU"]] for c in curve if "val" in c]}
+            atomic_write_text(cached, json.dumps(row))  # an interrupted run never leaves half a result
+        runs.append(row)
+        gr = row.get("grad_ratio") or {}
+        print(f"{label:60s} seed {seed}: mIoU {row['mIoU']:.4f} ({row['wall_s']:.0f} s)  grad ratio "
+              f"{_fmt(gr.get('start'))} -> {_fmt(gr.get('end'))}  CKA {row['cka_init']:.3f} -> {row['cka_end']:.3f}",
+              flush=True)
 
     none = [x["mIoU"] for x in runs if x["method"] == "none"]
     none_mean = statistics.mean(none) if none else float("nan")
     gap = teacher_miou - none_mean
     table = []
-    for method in args.methods:
-        vals = [x["mIoU"] for x in runs if x["method"] == method]
+    for label in dict.fromkeys(x["method"] for x in runs):
+        sel = [x for x in runs if x["method"] == label]
+        vals = [x["mIoU"] for x in sel]
         mean = statistics.mean(vals)
-        table.append({"method": method, "mIoU_mean": mean, "mIoU_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+
+        def avg(get: Any) -> float | None:
+            got = [v for v in map(get, sel) if v is not None]
+            return statistics.mean(got) if got else None
+
+        table.append({"method": label, "mIoU_mean": mean, "mIoU_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                      "seeds": [x["seed"] for x in sel], "runs": vals,
                       "gain_over_none": mean - none_mean, "gap_recovered": (mean - none_mean) / gap if gap > 0 else None,
-                      "runs": vals, "mean_wall_s": statistics.mean(x["wall_s"] for x in runs if x["method"] == method)})
+                      "grad_ratio_start": avg(lambda x: (x.get("grad_ratio") or {}).get("start")),
+                      "grad_ratio_end": avg(lambda x: (x.get("grad_ratio") or {}).get("end")),
+                      "cka_init": avg(lambda x: x.get("cka_init")), "cka_end": avg(lambda x: x.get("cka_end")),
+                      "mean_wall_s": statistics.mean(x["wall_s"] for x in sel)})
     print(f"\nteacher {base.teacher.model}: mIoU {100 * teacher_miou:.2f}   student {base.student.model}, "
-          f"{role_train(base, 'student').steps} steps, seeds {args.seeds}")
-    print(f"{'method':16s} {'mIoU (%)':>14s} {'gain':>7s} {'gap rec.':>9s}")
+          f"{role_train(base, 'student').steps} steps")
+    print(f"{'method':60s} {'n':>2s} {'mIoU (%)':>14s} {'gain':>7s} {'gap rec.':>9s} {'grad ratio':>14s} {'CKA':>13s}")
     for t in table:
         rec = "n/a" if t["gap_recovered"] is None else f"{100 * t['gap_recovered']:.0f} %"
-        print(f"{t['method']:16s} {100 * t['mIoU_mean']:7.2f} ± {100 * t['mIoU_std']:4.2f} "
-              f"{100 * t['gain_over_none']:+7.2f} {rec:>9s}")
-    out = {"benchmark": "efficacy", "recipe": base.name, "teacher": {"model": base.teacher.model, "mIoU": teacher_miou,
-                                                                     "wall_s": teacher_wall,
-                                                                     "train": asdict(role_train(base, "teacher"))},
+        print(f"{t['method']:60s} {len(t['runs']):2d} {100 * t['mIoU_mean']:7.2f} ± {100 * t['mIoU_std']:4.2f} "
+              f"{100 * t['gain_over_none']:+7.2f} {rec:>9s} {_fmt(t['grad_ratio_start']):>6s} -> "
+              f"{_fmt(t['grad_ratio_end']):>5s} {t['cka_init']:.3f} -> {t['cka_end']:.3f}")
+    out = {"benchmark": "efficacy", "recipe": base.name,
+           "teacher": {"model": base.teacher.model, "mIoU": teacher_miou, "wall_s": teacher_wall,
+                       "train": asdict(role_train(base, "teacher"))},
            "student": {"model": base.student.model, "train": asdict(role_train(base, "student"))},
+           "pretrain": {"config": asdict(base.pretrain), "teacher": pre_info["teacher"], "student": pre_info["student"]},
            "overrides": args.sets, "seeds": args.seeds, "table": table, "runs": runs,
-           "wall_s": time.perf_counter() - t_start,
-           "runs_wall_s": sum(x["wall_s"] for x in runs), "torch_threads": torch.get_num_threads(),
-           "environment": environment("cpu")}
+           "wall_s": time.perf_counter() - t_start, "runs_wall_s": sum(x["wall_s"] for x in runs),
+           "torch_threads": torch.get_num_threads(), "environment": environment("cpu")}
     atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"saved {args.out}")
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ Batch = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Global
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Base learning rate.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
+Pretrained = Annotated[Optional[str], typer.Option(
+    "--pretrained", help="Backbone weights: imagenet (torchvision file under TORCH_HOME), digits (the built-in "
+                         "pretraining, trained once and cached), a torchvision-layout .pth file, or none.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite a finished or different run in --out.")]
 
 
@@ -53,13 +56,13 @@ def train(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or backbone shorthand (r18, mbv2).")] = None,
     out: Out = None, steps: Steps = None, batch_size: Batch = None, lr: Lr = None, seed: Seed = None,
     device: Device = None, data: DataName = None, data_root: DataRoot = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained", help="Load ImageNet backbone weights (cached under TORCH_HOME).")] = False,
+    pretrained: Pretrained = None,
     output_stride: Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16.")] = None,
     set_: Sets = None, resume: Resume = False, force: Force = False, no_progress: NoProgress = False,
 ) -> None:
     """Train a teacher or a plain student (no distillation) on a dataset."""
     explicit = _role_sets(role, steps, batch_size, lr, seed, device, data, data_root)
-    explicit |= {f"{role}.pretrained": pretrained or None, f"{role}.output_stride": output_stride,
+    explicit |= {f"{role}.pretrained": (False if pretrained == "none" else pretrained), f"{role}.output_stride": output_stride,
                  "distill.method": "none" if role == "student" else None}
     _run(recipe, role, model, out, set_, explicit, resume, force, no_progress)
 
@@ -71,6 +74,7 @@ def distill(
     taps: Annotated[Optional[str], typer.Option("--taps", help="Comma-separated taps to distill (default per method).")] = None,
     recipe: Recipe = "digits", out: Out = None, steps: Steps = None, batch_size: Batch = None, lr: Lr = None,
     seed: Seed = None, device: Device = None, data: DataName = None, data_root: DataRoot = None,
+    pretrained: Pretrained = None,
     set_: Sets = None, resume: Resume = False, force: Force = False, no_progress: NoProgress = False,
 ) -> None:
     """Distill a trained teacher into a student with an attention-based method (or a baseline)."""
@@ -78,6 +82,7 @@ def distill(
 
     meta = load_model_checkpoint(teacher)["meta"]  # fails early on a non-teacher file
     explicit = _role_sets("student", steps, batch_size, lr, seed, device, data, data_root)
-    explicit |= {"distill.teacher_checkpoint": str(teacher), "distill.method": method, "teacher.model": meta["arch"],
+    explicit |= {"student.pretrained": (False if pretrained == "none" else pretrained),
+                 "distill.teacher_checkpoint": str(teacher), "distill.method": method, "teacher.model": meta["arch"],
                  "distill.taps": [t.strip() for t in taps.split(",") if t.strip()] if taps else None}
     _run(recipe, "student", student, out, set_, explicit, resume, force, no_progress)

@@ -19,6 +19,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from kdcompress.errors import ConfigError
+from kdcompress.pretrain import PretrainConfig
 
 
 @dataclass
@@ -58,7 +59,7 @@ class TrainConfig:
 class ModelConfig:
     model: str = "deeplabv3plus-mbv2"
     output_stride: int | None = None
-    pretrained: bool = False
+    pretrained: bool | str = False  # false | imagenet (true) | digits (built-in pretraining) | weights file
     train: dict[str, Any] = field(default_factory=dict)  # overrides of TrainConfig keys for this role
 
 
@@ -68,6 +69,9 @@ class DistillConfig:
     taps: list[str] | None = None
     hparams: dict[str, float] = field(default_factory=dict)
     teacher_checkpoint: str | None = None
+    # ramp the distillation weight 0 -> 1 over a fraction of the schedule (< 1) or a step count (>= 1);
+    # None: the method's own default (DistillMethod.default_warmup)
+    warmup: float | None = None
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Recipe:
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(model="deeplabv3plus-r101"))
     student: ModelConfig = field(default_factory=ModelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # the built-in `pretrained: digits`
     pipeline: dict[str, Any] = field(default_factory=dict)  # stage options for `kdcompress pipeline`
 
 
@@ -102,7 +107,21 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     recipe = _build(Recipe, data or {}, "")
     validate_train(recipe.train)
+    recipe.pretrain.check()
     return recipe
+
+
+def distill_warmup_steps(warmup: float, total: int) -> int:
+    """``distill.warmup`` in steps: a fraction (< 1) of ``total`` or a step count; checked against it."""
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0:
+        raise ConfigError(f"distill.warmup must be a fraction of the schedule (< 1) or a step count, got {warmup!r}.")
+    steps = round(warmup * total) if warmup < 1 else int(warmup)
+    if warmup >= 1 and warmup != int(warmup):
+        raise ConfigError(f"distill.warmup >= 1 counts steps and must be whole, got {warmup}.")
+    if steps > total:
+        raise ConfigError(f"distill.warmup is {steps} steps, longer than the {total}-step schedule. "
+                          f"Use a fraction (e.g. 0.1) or fewer steps.")
+    return steps
 
 
 def validate_train(t: TrainConfig) -> None:

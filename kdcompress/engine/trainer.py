@@ -140,6 +140,14 @@ def lr_lambda(t: TrainConfig, total: int) -> Callable[[int], float]:
     return fn
 
 
+def distill_weight(step: int, warmup: int) -> float:
+    """Multiplier of every distillation term: 0 at step 0, linear to 1 at ``warmup`` (then 1).
+
+    A student near chance gives the methods' adaptive parts (masks, attention) nothing sensible
+    to read; the ramp lets the task loss shape it first."""
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+
+
 def amp_dtype_for(device: torch.device) -> torch.dtype | None:
     """Mixed precision where the device runs it natively: fp16 on CUDA, bf16 on CPUs with
     AVX512-BF16/AMX (oneDNN), otherwise none (emulated bf16 would be slower than fp32)."""
@@ -168,7 +176,9 @@ class TrainTask(nn.Module):
         self.taps, self.ignore_index = taps, ignore_index
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor,
-                teacher_feats: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+                teacher_feats: dict[str, torch.Tensor] | None,
+                keep_feats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Named loss terms; ``keep_feats`` (a dict) receives the student's tapped maps for probes."""
         if self.method is None:
             logits = self.student(images)
             return {"task": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
@@ -177,7 +187,28 @@ class TrainTask(nn.Module):
             terms = {"task": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
             if teacher_feats is not None:
                 terms.update(self.method(dict(feats), teacher_feats))
+            if keep_feats is not None:
+                keep_feats.update(feats)
         return terms
+
+
+def gradient_ratio(terms: dict[str, torch.Tensor], weights: dict[str, float],
+                   feats: dict[str, torch.Tensor]) -> float | None:
+    """‖∂(Σ w·distill terms)/∂F‖ ÷ ‖∂task/∂F‖ at the student's tapped maps F (graph kept).
+
+    Says whether a method's signal reaches the student at the strength of the task's, which the
+    raw loss values cannot (weights and scales differ per method)."""
+    maps = [f for f in feats.values() if f.requires_grad]
+    distill = [weights.get(k, 1.0) * v.float() for k, v in terms.items() if k != "task"]
+    if not maps or not distill:
+        return None
+
+    def norm(loss: torch.Tensor) -> float:
+        grads = torch.autograd.grad(loss, maps, retain_graph=True, allow_unused=True)
+        return math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+
+    task = norm(terms["task"].float())
+    return norm(sum(distill)) / task if task > 0 else None
 
 
 def load_teacher(path: str, num_classes: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
@@ -200,6 +231,7 @@ class TrainResult:
     step: int
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+    grad_ratio: dict[str, float | None] = field(default_factory=dict)  # distill ÷ task gradient at the taps
 
 
 def _rng_state() -> dict[str, Any]:
@@ -281,7 +313,13 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
     method_name = distill.method if distill else "none"
     method_cls = METHODS.get(method_name)
     arch = resolve_model_name(mcfg.model, recipe.teacher.model)
-    student = build_model(arch, info.num_classes, mcfg.output_stride, mcfg.pretrained).to(device)
+    from kdcompress.models import backbone_of
+    from kdcompress.pretrain import resolve_pretrained
+
+    weights = resolve_pretrained(mcfg.pretrained, backbone_of(arch), data_name=recipe.data.name,
+                                 data_seed=int(recipe.data.options.get("seed", 0)), cfg=recipe.pretrain,
+                                 log=print if dist_utils.is_main() and progress else (lambda _m: None))
+    student = build_model(arch, info.num_classes, mcfg.output_stride, weights or False).to(device)
 
     teacher, method, taps = None, None, []
     teacher_meta: dict[str, Any] = {}
@@ -305,11 +343,18 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
         model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
 
     params = [p for p in task.parameters() if p.requires_grad]
+    student_params = [p for p in task.student.parameters() if p.requires_grad]
+    method_params = [p for p in method.parameters() if p.requires_grad] if method is not None else []
     optimizer = build_optimizer(params, tcfg)
     per_rank_batch = tcfg.batch_size // world
     steps_per_epoch = (len(train_set) // world) // per_rank_batch
     total = tcfg.steps if tcfg.steps is not None else tcfg.epochs * max(1, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total))
+    from kdcompress.config import distill_warmup_steps
+
+    warm = 0
+    if distill is not None and method is not None:
+        warm = distill_warmup_steps(method.default_warmup if distill.warmup is None else distill.warmup, total)
     amp_dtype = amp_dtype_for(device) if tcfg.amp else None
     use_amp = amp_dtype is not None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -373,6 +418,7 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
 
     teacher_taps = taps if teacher is not None else []
     last_metrics: dict[str, Any] = {}
+    grad_ratios: dict[str, float | None] = {}
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [TextColumn(f"[bold]{role}[/] {arch}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -392,9 +438,15 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
                     with torch.no_grad(), record(teacher, teacher_taps) as tf:
                         teacher(images)
                         t_feats = {k: v.detach() for k, v in tf.items()}
-                terms = model(images, labels, t_feats)
+                probe = {} if (step == 0 or step == total - 1) and t_feats is not None and world == 1 else None
+                terms = model(images, labels, t_feats, probe)
             weights = method.loss_weights() if method is not None else {}
-            weighted = {k: weights.get(k, 1.0) * v.float() for k, v in terms.items()}
+            if probe:  # at the first and last step, with full (un-warmed) weights
+                ratio = gradient_ratio(terms, weights, probe)
+                grad_ratios["start" if step == 0 else "end"] = ratio
+                log({"step": step, "grad_ratio": ratio})
+            ramp = distill_weight(step, warm)
+            weighted = {k: (1.0 if k == "task" else ramp) * weights.get(k, 1.0) * v.float() for k, v in terms.items()}
             loss = sum(weighted.values())
             bad = [k for k, v in weighted.items() if not torch.isfinite(v).all()]
             if dist_utils.any_true(bool(bad), device):
@@ -405,6 +457,12 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
                     f"Lower train.lr or the term's weight, or set train.grad_clip.")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if method is not None:
+                train_student, train_method = method.trainable(step)
+                for group, on in ((student_params, train_student), (method_params, train_method)):
+                    if not on:  # a frozen phase: no gradient, so the optimizer leaves them (and their decay) alone
+                        for p in group:
+                            p.grad = None
             if tcfg.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
@@ -437,4 +495,4 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
     if dist_utils.is_main():
         model_path = save(last_metrics)
     dist_utils.barrier()
-    return TrainResult(out_dir, model_path, step, last_metrics, time.perf_counter() - t0)
+    return TrainResult(out_dir, model_path, step, last_metrics, time.perf_counter() - t0, grad_ratios)

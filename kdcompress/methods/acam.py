@@ -18,6 +18,16 @@ Decisions on the points the paper leaves open (spec defaults):
   weights by M², as MasKD does: ``mask_power=2`` switches to that (normaliser stays Σ M).
 * Masks receive the distillation gradient as well as the diversity one (the paper: masks adapt
   as the student learns); ``mask_distill_grad=0`` detaches them inside L_c and L_s.
+* ``detach_kv=1`` (default): the student enters the fusion's K and V detached, so it learns only
+  through D = (F^T − F^S')² while the masks still read it. With K/V attached (the paper,
+  ``detach_kv=0``) a probe on the digits teacher measured the gradient reaching the student's
+  logits through the fusion/mask path at ~25× the direct path after ~50 steps (cosine 0.04
+  between total and direct gradient): the student moved the masks instead of its logits.
+* ``center_logits=1`` subtracts each pixel's mean over classes from both logit maps before
+  fusion and D (on the ``logits`` tap only; feature taps are left as they are): cross-entropy ignores that offset, and it was about half of α(L_c + L_s) at init.
+* The other fixes measured with it (masks trained by diversity only, a weight warm-up, the
+  trainer's ``distill.warmup``) keep the defaults that ``benchmarks/efficacy.py`` supports; see
+  the README's efficacy table for the numbers behind each default.
 * Several taps (e.g. FPN levels) get one module each and their terms are summed, as detection
   distillers sum over levels.
 * M = number of classes on a ``logits`` tap, 6 on any other tap; ``m`` overrides both.
@@ -133,8 +143,11 @@ class ACAMKD(DistillMethod):
         "lambda": 1.0,
         "m": 0.0,  # 0: automatic (num_classes on logits, 6 elsewhere)
         "mask_power": 1.0,
-        "mask_distill_grad": 1.0,
+        "mask_distill_grad": 0.0,
+        "detach_kv": 1.0,
+        "center_logits": 1.0,
     }
+    default_warmup: ClassVar[float] = 0.2
 
     def __init__(
         self,
@@ -152,8 +165,12 @@ class ACAMKD(DistillMethod):
             )
         if self.hparams["mask_power"] not in (1.0, 2.0):
             raise ConfigError("hparam 'mask_power' of method 'acam' must be 1 or 2")
-        if self.hparams["mask_distill_grad"] not in (0.0, 1.0):
-            raise ConfigError("hparam 'mask_distill_grad' of method 'acam' must be 0 or 1")
+        for flag in ("mask_distill_grad", "detach_kv", "center_logits"):
+            if self.hparams[flag] not in (0.0, 1.0):
+                raise ConfigError(f"hparam '{flag}' of method 'acam' must be 0 or 1, got {self.hparams[flag]}")
+        if hparams.get("center_logits") and "logits" not in self.taps:  # asked for explicitly
+            raise ConfigError("hparam 'center_logits' of method 'acam' needs the logits tap (--taps logits); "
+                              f"this run distils {', '.join(self.taps)}. Set method.center_logits=0.")
         self.align = nn.ModuleDict()
         self.fusion = nn.ModuleDict()
         self.masks = nn.ModuleDict()
@@ -199,7 +216,11 @@ class ACAMKD(DistillMethod):
         for tap in self.taps:
             f_t = self._teacher(teacher_feats, tap)
             f_s = resize_to(self.align[tap](student_feats[tap]), f_t)
-            fused = self.fusion[tap](f_t, f_s)
+            if self.hparams["center_logits"] and tap == "logits":
+                # softmax/CE ignore a per-pixel constant over classes; so does the loss then
+                f_t = f_t - f_t.mean(dim=1, keepdim=True)
+                f_s = f_s - f_s.mean(dim=1, keepdim=True)
+            fused = self.fusion[tap](f_t, f_s.detach() if self.hparams["detach_kv"] else f_s)
             spatial, channel = self.masks[tap](at_least_fp32(fused))
             diff_sq = (at_least_fp32(f_t) - at_least_fp32(f_s)).pow(2).flatten(2)
             loss_c, loss_s = self._masked_losses(diff_sq, spatial, channel)

@@ -31,6 +31,8 @@ class DistillMethod(nn.Module):
     default_taps: ClassVar[tuple[str, ...]] = ()
     default_hparams: ClassVar[dict[str, float]] = {}
     needs_teacher: ClassVar[bool] = True
+    #: distillation-weight warm-up when the recipe sets none (fraction of the schedule or steps)
+    default_warmup: ClassVar[float] = 0.0
 
     def __init__(
         self,
@@ -90,6 +92,11 @@ class DistillMethod(nn.Module):
     def loss_weights(self) -> dict[str, float]:
         """Weight the trainer applies to each term returned by ``forward``."""
         raise NotImplementedError
+
+    def trainable(self, step: int) -> tuple[bool, bool]:
+        """(student trains, method's own parts train) at ``step``: a schedule such as AttnFD's
+        two-phase one freezes one side for a while. Default: both, always."""
+        return True, True
 
     def teacher_side_modules(self) -> list[nn.Module]:
         """Parts that act on the teacher side and must stay frozen (eval mode, no grads)."""

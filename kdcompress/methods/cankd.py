@@ -6,6 +6,11 @@ is linear, (q kᵀ / N) v = q (kᵀ v) / N: we form the C'×C' matrix kᵀv per 
 the HW×N affinity the authors materialise (4.2 GiB per image at FPN P2 on COCO), so memory
 grows linearly with the number of positions. ``naive_affinity`` keeps the textbook order for
 tests and benchmarks.
+
+Default tap ``stage4``: the last backbone stage *after* its final ReLU, as the authors tap
+ResNet's ``layer4`` (for MobileNetV2 the last stage is a linear bottleneck: the same map as
+``backbone``). ``--taps backbone`` distils the pre-ReLU residual sum instead; both are measured
+side by side in ``benchmarks/efficacy.py``.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ class CanKD(DistillMethod):
     """L_can = Σ over taps of MSE(IN(Can(adapter(F^S), F^T)), IN(F^T)); weight μ (default 5)."""
 
     name: ClassVar[str] = "cankd"
-    default_taps: ClassVar[tuple[str, ...]] = ("backbone",)
+    default_taps: ClassVar[tuple[str, ...]] = ("stage4",)
     default_hparams: ClassVar[dict[str, float]] = {"mu": 5.0}
 
     def __init__(

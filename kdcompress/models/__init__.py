@@ -39,6 +39,12 @@ def build_model(name: str, num_classes: int, output_stride: int | None = None, p
     return MODELS.get(name)(num_classes=num_classes, output_stride=output_stride, pretrained=pretrained)
 
 
+def backbone_of(name: str) -> str:
+    """Backbone key (``r18``, ``mbv2``...) of a zoo model, for pretrained-weight lookup."""
+    MODELS.get(name)
+    return ZOO[name][1]
+
+
 def resolve_model_name(name: str, reference: str | None = None) -> str:
     """Accept a full name or a backbone shorthand (``mbv2``) resolved against the head of ``reference``."""
     if name in MODELS or "-" in name:

@@ -8,15 +8,14 @@ MobileNetV2 the last linear bottleneck is already pre-activation).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from kdcompress.errors import KdError
 
 
 @dataclass(frozen=True)
@@ -27,19 +26,15 @@ class BackboneSpec:
     pre_relu_path: str
 
 
-def _load_tv(factory: Callable[..., nn.Module], weights_enum, pretrained: bool) -> nn.Module:
-    """Build a torchvision model, loading ImageNet weights from TORCH_HOME if asked; offline -> one line."""
-    if not pretrained:
-        return factory(weights=None)
-    weights = weights_enum.DEFAULT
-    try:
-        return factory(weights=weights)
-    except Exception as e:  # URLError, OSError, RuntimeError from the hub downloader
-        fname = weights.url.rsplit("/", 1)[-1]
-        raise KdError(
-            f"Cannot load ImageNet weights '{fname}' ({type(e).__name__}: offline?). Put the file in "
-            f"$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/) or drop --pretrained."
-        ) from None
+def _load_tv(backbone: str, pretrained: "bool | str | Path | None") -> nn.Module:
+    """The torchvision network of ``backbone``; ``pretrained`` is False, True (ImageNet) or a
+    torchvision-layout weights file (ImageNet or the built-in pretraining: one loader for both)."""
+    from kdcompress.pretrain import imagenet_file, load_backbone_state, torchvision_classifier
+
+    net = torchvision_classifier(backbone)
+    if pretrained:
+        load_backbone_state(net, imagenet_file(backbone) if pretrained is True else Path(pretrained))
+    return net
 
 
 class PreReluBottleneck(Bottleneck):
@@ -100,14 +95,9 @@ def _dilate_resnet_layer(layer: nn.Sequential, dilation: int, multi_grid: tuple[
 
 
 class ResNetBackbone(nn.Module):
-    def __init__(self, depth: int, output_stride: int, pretrained: bool, multi_grid: bool) -> None:
+    def __init__(self, depth: int, output_stride: int, pretrained: "bool | str | Path", multi_grid: bool) -> None:
         super().__init__()
-        factory, weights = {
-            18: (tvm.resnet18, tvm.ResNet18_Weights),
-            50: (tvm.resnet50, tvm.ResNet50_Weights),
-            101: (tvm.resnet101, tvm.ResNet101_Weights),
-        }[depth]
-        net = _load_tv(factory, weights, pretrained)
+        net = _load_tv(f"r{depth}", pretrained)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         mg = (1, 2, 4) if multi_grid and depth >= 50 else None
@@ -135,9 +125,9 @@ class ResNetBackbone(nn.Module):
 class MobileNetV2Backbone(nn.Module):
     """``features[:-1]`` (320 ch, the 1280-ch conv dropped), dilated once the output stride is reached."""
 
-    def __init__(self, output_stride: int, pretrained: bool) -> None:
+    def __init__(self, output_stride: int, pretrained: "bool | str | Path") -> None:
         super().__init__()
-        net = _load_tv(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights, pretrained)
+        net = _load_tv("mbv2", pretrained)
         self.features = net.features[:-1]
         stride, dilation = 1, 1
         for block in self.features:

@@ -149,7 +149,7 @@ class SegModel(nn.Module):
     """
 
     def __init__(self, arch: str, head_kind: str, backbone: str, num_classes: int, output_stride: int,
-                 pretrained: bool = False) -> None:
+                 pretrained: "bool | str | Path" = False) -> None:
         super().__init__()
         if output_stride not in (8, 16):
             raise KdError(f"output_stride must be 8 or 16, got {output_stride}.")

@@ -95,3 +95,57 @@ def test_non_finite_distillation_term_stops(teacher: tuple[Path, Path], tmp_path
                   "--set", "method.weight=1e39", "--out", tmp_path / "nan", "--no-progress")
     assert res.code == 2 and "Loss term 'mse' became non-finite at step 1" in res.err
     assert not (tmp_path / "nan" / "model.pt").exists()
+
+
+def test_two_phase_attnfd_freezes_the_student_first(teacher: tuple[Path, Path], tmp_path: Path) -> None:
+    from kdcompress.config import load_recipe
+    from kdcompress.engine.trainer import train
+
+    recipe, ckpt = teacher
+    sets = {"distill.method": "attnfd", "distill.teacher_checkpoint": str(ckpt), "student.pretrained": False}
+
+    def run(name: str, steps: int, adapter_steps: int) -> tuple[dict, dict]:
+        r = load_recipe(str(recipe), dict(sets, **{"train.steps": steps,
+                                                   "distill.hparams": {"adapter_steps": adapter_steps}}))
+        res = train(r, "student", tmp_path / name, progress=False)
+        task = load_state(tmp_path / name / "state.pt")["task"]
+        return load_model_checkpoint(res.model_path)["state_dict"], task
+
+    def params(w: dict, prefix: str = "") -> list[torch.Tensor]:
+        return [v for k, v in w.items() if k.startswith(prefix) and k.endswith(("weight", "bias"))]
+
+    one, state_one = run("p1", 1, 3)
+    two, state_two = run("p2", 2, 3)  # both still in phase 1: the student never moved
+    assert all(torch.equal(a, b) for a, b in zip(params(one), params(two)))
+    # ...while the adapters did, and a joint run moves the student from the first step
+    assert not all(torch.equal(a, b) for a, b in zip(params(state_one, "method.adapter"),
+                                                     params(state_two, "method.adapter")))
+    j1, _ = run("j1", 1, 0)
+    j2, _ = run("j2", 2, 0)
+    assert not all(torch.equal(a, b) for a, b in zip(params(j1), params(j2)))
+
+
+def test_warmup_longer_than_schedule_is_refused_before_writing(teacher: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    recipe, ckpt = teacher
+    out = tmp_path / "warm"
+    res = run_cli(capsys, "distill", "-r", recipe, "--teacher", ckpt, "--method", "acam", "--out", out,
+                  "--steps", "2", "--set", "distill.warmup=50", "--no-progress")
+    assert res.code == 2 and "distill.warmup is 50 steps, longer than the 2-step schedule" in res.err
+    assert "Traceback" not in res.err
+
+
+def test_pretrained_digits_from_the_cli(teacher: tuple[Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    from kdcompress.data.digits import cache_dir
+
+    recipe, ckpt = teacher
+    res = run_cli(capsys, "distill", "-r", recipe, "--teacher", ckpt, "--method", "kd", "--out", tmp_path / "pre",
+                  "--steps", "1", "--pretrained", "digits", "--set", "pretrain.steps=1",
+                  "--set", "pretrain.batch_size=2", "--set", "pretrain.image_size=32", "--set", "pretrain.eval_images=2",
+                  "--no-progress")
+    assert res.code == 0, res.err
+    assert list((cache_dir() / "pretrain").glob("mbv2-*.pth"))
+    res = run_cli(capsys, "train", "-r", recipe, "--role", "student", "--out", tmp_path / "bad", "--steps", "1",
+                  "--pretrained", str(tmp_path / "missing.pth"), "--no-progress")
+    assert res.code == 2 and "does not exist" in res.err and "Traceback" not in res.err

@@ -21,12 +21,14 @@ NUM_CLASSES = 5
 # Student: fewer channels and, for the deep taps, half the teacher's resolution (OS16 vs OS8).
 STUDENT: dict[str, torch.Size] = {
     "backbone": torch.Size((2, 32, 8, 8)),
+    "stage4": torch.Size((2, 32, 8, 8)),
     "encoder": torch.Size((2, 16, 8, 8)),
     "decoder": torch.Size((2, 32, 16, 16)),
     "logits": torch.Size((2, NUM_CLASSES, 8, 8)),
 }
 TEACHER: dict[str, torch.Size] = {
     "backbone": torch.Size((2, 64, 16, 16)),
+    "stage4": torch.Size((2, 64, 16, 16)),
     "encoder": torch.Size((2, 24, 16, 16)),
     "decoder": torch.Size((2, 48, 16, 16)),
     "logits": torch.Size((2, NUM_CLASSES, 16, 16)),

@@ -28,6 +28,7 @@ from tests.methods.method_conformance import (
 )
 
 FLASH_ONLY = [SDPBackend.FLASH_ATTENTION]
+PAPER = {"detach_kv": 0.0, "mask_distill_grad": 1.0, "center_logits": 0.0}  # the paper-literal variant
 
 
 def ref_conv1x1(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -43,6 +44,9 @@ def ref_acam(method: ACAMKD, s: Feats, t: Feats, power: int = 1) -> dict[str, Te
         f_s = s[tap] if isinstance(align, nn.Identity) else ref_conv1x1(s[tap], align)
         f_s = F.interpolate(f_s, size=t[tap].shape[-2:], mode="bilinear", align_corners=False)
         f_t = t[tap]
+        if method.hparams["center_logits"] and tap == "logits":  # per-pixel offset over classes removed
+            f_t = f_t - f_t.mean(dim=1, keepdim=True)
+            f_s = f_s - f_s.mean(dim=1, keepdim=True)
         fusion, units = method.fusion[tap], method.masks[tap]
         q = ref_conv1x1(f_t, fusion.w_q).flatten(2)  # B×Cq×HW
         k = ref_conv1x1(f_s, fusion.w_k).flatten(2)
@@ -149,8 +153,8 @@ def test_flash_only_context_really_refuses_wider_v() -> None:
         F.scaled_dot_product_attention(q, q, torch.randn(1, 1, 16, 8))
 
 
-def test_each_term_reaches_student_fusion_and_its_mask_units() -> None:
-    method = randomize(build_method("acam", STUDENT, TEACHER, NUM_CLASSES))
+def test_paper_literal_each_term_reaches_student_fusion_and_its_mask_units() -> None:
+    method = randomize(build_method("acam", STUDENT, TEACHER, NUM_CLASSES, **PAPER))
     s = make_feats(STUDENT, seed=1, requires_grad=True)
     t = make_feats(TEACHER, seed=2)
     terms = method(s, t)

@@ -63,7 +63,7 @@ def ref_attnfd(method: AttnFD, s: Feats, t: Feats, train: bool) -> Tensor:
 class TestAttnFD(MethodConformance):
     method = "attnfd"
     expected_terms = ("attn",)
-    expected_weights = {"attn": 1.0}
+    expected_weights = {"attn": 2.0}
 
     def reference(self, method, s, t):  # type: ignore[no-untyped-def]
         return {"attn": ref_attnfd(method, s, t, train=method.training)}

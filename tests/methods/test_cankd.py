@@ -102,10 +102,10 @@ def test_method_linear_and_naive_paths_agree_with_gradients() -> None:
     s = make_feats(TEACHER, seed=1, requires_grad=True)
     t = make_feats(TEACHER, seed=2)
     fast = method(s, t)["can"]
-    (g_fast,) = torch.autograd.grad(fast, s["backbone"])
+    (g_fast,) = torch.autograd.grad(fast, s["stage4"])
     method.set_naive(True)
     slow = method(s, t)["can"]
-    (g_slow,) = torch.autograd.grad(slow, s["backbone"])
+    (g_slow,) = torch.autograd.grad(slow, s["stage4"])
     torch.testing.assert_close(fast, slow, **TOL)
     torch.testing.assert_close(g_fast, g_slow, **TOL)
 
@@ -126,5 +126,5 @@ def test_odd_sizes_keep_border_and_single_pixel_maps_work() -> None:
 def test_adapter_only_when_widths_differ() -> None:
     shapes_s = {"backbone": torch.Size((2, 32, 8, 8))}
     shapes_t = {"backbone": torch.Size((2, 64, 16, 16))}
-    assert isinstance(build_method("cankd", shapes_s, shapes_t, 5).adapter["backbone"], nn.Conv2d)
-    assert isinstance(build_method("cankd", shapes_t, shapes_t, 5).adapter["backbone"], nn.Identity)
+    assert isinstance(build_method("cankd", shapes_s, shapes_t, 5, taps=["backbone"]).adapter["backbone"], nn.Conv2d)
+    assert isinstance(build_method("cankd", shapes_t, shapes_t, 5, taps=["backbone"]).adapter["backbone"], nn.Identity)

@@ -18,7 +18,7 @@ def test_registry_names_and_contract() -> None:
         "attnfd": ("backbone", "encoder", "decoder"),
         "acam": ("logits",),
         "kd": ("logits",),
-        "cankd": ("backbone",),
+        "cankd": ("stage4",),
         "mse": ("backbone",),
         "none": (),
     }
@@ -34,7 +34,7 @@ def test_default_weights() -> None:
     weights = {n: build_method(n, STUDENT, TEACHER, NUM_CLASSES).loss_weights() for n in ALL}
     assert weights == {
         "acam": {"acam_c": 1.0, "acam_s": 1.0, "acam_div": 1.0},
-        "attnfd": {"attn": 1.0},
+        "attnfd": {"attn": 2.0},
         "cankd": {"can": 5.0},
         "kd": {"kd": 1.0},
         "mse": {"mse": 1.0},
@@ -55,7 +55,7 @@ def test_unknown_tap_lists_valid_taps() -> None:
         build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES, taps=["backbone", "decodr"])
     message = str(err.value)
     assert "'decodr'" in message and "Did you mean 'decoder'" in message
-    assert "backbone, encoder, decoder, logits" in message
+    assert "backbone, stage4, encoder, decoder, logits" in message
 
 
 def test_tap_missing_on_teacher_side_is_named() -> None:
@@ -70,11 +70,11 @@ def test_acam_without_logits_names_the_model() -> None:
         build_method("acam", student, TEACHER, NUM_CLASSES, student_name="deeplabv3-mbv2")
     message = str(err.value)
     assert "method 'acam' needs a logits tap; model 'deeplabv3-mbv2' (student) has none" in message
-    assert "backbone, encoder, decoder" in message
+    assert "backbone, stage4, encoder, decoder" in message
 
 
 def test_unknown_and_bad_hparams() -> None:
-    valid = r"Valid: alpha, lambda, m, mask_distill_grad, mask_power"
+    valid = r"Valid: alpha, center_logits, detach_kv, lambda, m, mask_distill_grad, mask_power"
     with pytest.raises(ConfigError, match=rf"'mu'.*{valid}"):
         build_method("acam", STUDENT, TEACHER, NUM_CLASSES, mu=1.0)
     with pytest.raises(ConfigError, match="must be a number"):
@@ -95,4 +95,4 @@ def test_empty_taps_and_non_map_taps_are_refused() -> None:
 
 def test_hparams_override_defaults_and_are_kept() -> None:
     method = build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES, alpha=10)
-    assert method.hparams == {"alpha": 10.0} and method.loss_weights() == {"attn": 10.0}
+    assert method.hparams == {"alpha": 10.0, "adapter_steps": 0.0} and method.loss_weights() == {"attn": 10.0}

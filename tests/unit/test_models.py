@@ -106,11 +106,11 @@ def test_check_input_size_says_which_multiples() -> None:
 
 def test_pretrained_offline_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    import torchvision.models._api as api
+    import torch
 
     def offline(*a, **k):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(api.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(KdError, match="Cannot load ImageNet weights 'mobilenet_v2-.*drop --pretrained"):
         build_model("deeplabv3plus-mbv2", 3, pretrained=True)
