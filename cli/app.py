@@ -39,9 +39,12 @@ def main() -> None:
     except KdError as e:
         if os.environ.get("KDCOMPRESS_DEBUG"):
             raise
+        from rich.markup import escape
+
         from kdcompress.cli.common import err_console
 
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escaped: messages quote things like pip install 'kdcompress[tensorrt]', which is not markup
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         err_console.print("[dim]set KDCOMPRESS_DEBUG=1 for the traceback[/]", highlight=False)
         sys.exit(e.exit_code)
 

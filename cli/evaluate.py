@@ -14,13 +14,15 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Model checkpoint (model.pt) from train or distill.")],
     data: DataName = None, data_root: DataRoot = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate.")] = "val",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 8,
-    max_images: Annotated[Optional[int], typer.Option("--max-images", help="Evaluate the first N images only.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 8,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Evaluate the first N images only.")] = None,
     device: Device = None, json_: Json = False, no_progress: NoProgress = False,
 ) -> None:
     """Evaluate a checkpoint on a dataset split (defaults: the dataset it was trained on)."""
     from kdcompress.engine.evaluation import evaluate_checkpoint
 
+    if checkpoint.is_dir() and (checkpoint / "model.pt").is_file():  # a run folder: its model
+        checkpoint = checkpoint / "model.pt"
     report = evaluate_checkpoint(checkpoint, data=data, data_root=data_root, split=split, batch_size=batch_size,
                                  max_images=max_images, device=device or "auto", progress=not (no_progress or json_))
     if json_:

@@ -10,8 +10,8 @@ import typer
 from kdcompress.cli.common import (DataName, DataRoot, Device, NoProgress, Out, Recipe, Sets, console,
                                    overrides)
 
-Steps = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (overrides the recipe).")]
-Batch = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Global batch size.")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (overrides the recipe).")]
+Batch = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Global batch size.")]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Base learning rate.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
@@ -61,6 +61,10 @@ def train(
     set_: Sets = None, resume: Resume = False, force: Force = False, no_progress: NoProgress = False,
 ) -> None:
     """Train a teacher or a plain student (no distillation) on a dataset."""
+    if role not in ("teacher", "student"):
+        from kdcompress.errors import ConfigError
+
+        raise ConfigError(f"--role must be teacher or student, got {role!r}.")
     explicit = _role_sets(role, steps, batch_size, lr, seed, device, data, data_root)
     explicit |= {f"{role}.pretrained": (False if pretrained == "none" else pretrained), f"{role}.output_stride": output_stride,
                  "distill.method": "none" if role == "student" else None}

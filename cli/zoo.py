@@ -8,7 +8,7 @@ import typer
 
 from kdcompress.cli.common import Json, console, parse_size, print_json
 
-NumClasses = Annotated[int, typer.Option("--num-classes", "-k", help="Classes of the head (21 = VOC, 19 = Cityscapes).")]
+NumClasses = Annotated[int, typer.Option("--num-classes", "-k", min=1, help="Classes of the head (21 = VOC, 19 = Cityscapes).")]
 
 
 def models(num_classes: NumClasses = 21, json_: Json = False) -> None:

@@ -131,8 +131,14 @@ def validate_train(t: TrainConfig) -> None:
         raise ConfigError(f"train.schedule must be poly, cosine or onecycle, got {t.schedule!r}.")
     if t.steps is None and t.epochs is None:
         raise ConfigError("Set train.steps or train.epochs (e.g. --steps 1000).")
-    if t.batch_size < 1 or t.lr <= 0:
-        raise ConfigError("train.batch_size must be >= 1 and train.lr > 0.")
+    for key in ("steps", "epochs"):
+        v = getattr(t, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"train.{key} must be a whole number >= 1, got {v!r}.")
+    if isinstance(t.batch_size, bool) or not isinstance(t.batch_size, int) or t.batch_size < 1:
+        raise ConfigError(f"train.batch_size must be a whole number >= 1, got {t.batch_size!r}.")
+    if isinstance(t.lr, bool) or not isinstance(t.lr, (int, float)) or not t.lr > 0:
+        raise ConfigError(f"train.lr must be a positive number, got {t.lr!r}.")
 
 
 

@@ -263,24 +263,83 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse to mix two runs in one folder; check it is writable before any work."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (resume or force):
+def check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse to mix two runs in one folder. Touches nothing: called before any input is trusted.
+
+    A folder holding no checkpoint (e.g. one left by a run that failed on bad input) counts as
+    empty; ``--force`` deletes nothing, new files replace old ones atomically when ready."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise KdError(f"--out '{out_dir}' is a file, not a folder. Choose a folder path.")
+    has_run = (out_dir / MODEL_FILE).is_file() or (out_dir / STATE_FILE).is_file()
+    if has_run and not (resume or force):
         raise KdError(f"Output folder '{out_dir}' already holds a run. Pass --resume to continue it, "
                       f"--force to overwrite, or choose another --out.")
     if resume and not (out_dir / STATE_FILE).is_file():
         raise KdError(f"Nothing to resume in '{out_dir}' (no {STATE_FILE}). Drop --resume to start a new run.")
-    if dist_utils.is_main():
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            probe = out_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise KdError(f"Output folder '{out_dir}' is not writable ({e.strerror}). Choose another --out.") from None
-        if force and not resume:
-            for name in (MODEL_FILE, STATE_FILE, LOG_FILE, CONFIG_FILE):
-                (out_dir / name).unlink(missing_ok=True)
+
+
+def make_out_dir(out_dir: Path) -> None:
+    """Create the run folder, check it is writable, sweep temp files a killed run left behind."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise KdError(f"Output folder '{out_dir}' is not writable ({e.strerror}). Choose another --out.") from None
+    for stale in out_dir.glob(".*.tmp"):  # atomic_write's temp files of an interrupted save
+        stale.unlink(missing_ok=True)
+
+
+def _trim_log(path: Path, step: int | None) -> None:
+    """Keep the log lines up to ``step`` (resume) or none (a fresh run), atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    if step is not None:
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    keep.append(line)
+            except (ValueError, AttributeError):
+                continue
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
+def _resume_key(tcfg: TrainConfig, recipe: Recipe, role: str, arch: str, method: str) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one (steps may grow; device may move)."""
+    train_cfg = {k: v for k, v in asdict(tcfg).items() if k not in ("steps", "epochs", "device", "val_every",
+                                                                     "ckpt_every")}
+    d = asdict(recipe.distill) if role == "student" else {}
+    return {"arch": arch, "method": method, "train": train_cfg, "data": asdict(recipe.data),
+            "distill": {k: v for k, v in d.items() if k != "teacher_checkpoint"},
+            "pretrained": getattr(recipe, role).pretrained}
+
+
+def _diff_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({a!r} -> {b!r})")
+    return out
+
+
+def _interrupted(out_dir: Path, step: int, total: int) -> "TrainingInterrupted":
+    saved = load_state(out_dir / STATE_FILE)["step"] if (out_dir / STATE_FILE).is_file() else None
+    where = (f"last checkpoint: {out_dir / MODEL_FILE} at step {saved}" if saved is not None
+             else "no checkpoint was written yet (set train.ckpt_every to save periodically)")
+    return TrainingInterrupted(f"Interrupted at step {step}/{total}; {where}. Continue with the same command "
+                               f"plus --resume.")
+
+
+class TrainingInterrupted(KdError):
+    """Ctrl-C: say where training stopped and how to continue (exit code 130, as shells expect)."""
+
+    exit_code = 130
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -288,6 +347,17 @@ def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
 
 def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = False, force: bool = False,
           progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train ``recipe.<role>.model``; Ctrl-C ends in a TrainingInterrupted naming the step and the checkpoint."""
+    reached: dict[str, int] = {"step": 0, "total": 0}
+    try:
+        return _train(recipe, role, out_dir, resume=resume, force=force, progress=progress, on_step=on_step,
+                      reached=reached)
+    except KeyboardInterrupt:
+        raise _interrupted(Path(out_dir), reached["step"], reached["total"]) from None
+
+
+def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, force: bool, progress: bool,
+           on_step: Callable[[int, dict[str, float]], None] | None, reached: dict[str, int]) -> TrainResult:
     """Train ``recipe.<role>.model`` (distilling from the recipe's teacher if ``role == 'student'``
     and ``recipe.distill.method`` is not ``none``). Returns where the model checkpoint is."""
     from kdcompress.methods import METHODS, build_method
@@ -302,8 +372,7 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
     rank, world = dist_utils.init_distributed(device)
     if tcfg.batch_size % world:
         raise ConfigError(f"train.batch_size {tcfg.batch_size} is not divisible by the {world} processes.")
-    prepare_out_dir(out_dir, resume, force)
-    dist_utils.barrier()
+    check_out_dir(out_dir, resume, force)
     seed_everything(tcfg.seed)
 
     info = dataset_info(recipe.data.name, **data_options(recipe.data))
@@ -360,11 +429,20 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step = 0
+    resume_key = json.loads(json.dumps(_resume_key(tcfg, recipe, role, arch, method_name)))  # plain lists/dicts
     if resume:
         state = load_state(out_dir / STATE_FILE)
         if state.get("arch") != arch or state.get("method") != method_name:
             raise KdError(f"'{out_dir / STATE_FILE}' belongs to a {state.get('arch')}/{state.get('method')} run, "
                           f"not {arch}/{method_name}. Use the matching options or another --out.")
+        if "resume_key" in state:
+            changed = _diff_keys(state["resume_key"], resume_key)
+            if changed:
+                raise KdError(f"--resume with changed settings: {'; '.join(changed)}. Resume with the original "
+                              f"settings (only train.steps may grow) or start a new run with --force.")
+        if int(state["step"]) > total:
+            raise KdError(f"'{out_dir}' is at step {state['step']}, beyond the requested {total} steps. "
+                          f"Pass --steps >= {state['step']} to resume it.")
         task.load_state_dict(state["task"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -381,6 +459,10 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
         "teacher": teacher_meta.get("arch"), "recipe": recipe.name, "kdcompress_version": kdcompress.__version__,
     }
     if dist_utils.is_main():
+        make_out_dir(out_dir)  # every input is checked by now: only now is anything written
+        _trim_log(out_dir / LOG_FILE, step if resume else None)
+    dist_utils.barrier()
+    if dist_utils.is_main():
         atomic_write_text(out_dir / CONFIG_FILE, to_yaml(asdict(recipe) | {"resolved": {
             "role": role, "model": arch, "train": asdict(tcfg), "taps": taps, "world_size": world}}))
 
@@ -396,7 +478,7 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
         save_state(out_dir / STATE_FILE, {
             "arch": arch, "method": method_name, "step": step, "task": task.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": _rng_state(),
+            "scaler": scaler.state_dict(), "rng": _rng_state(), "resume_key": resume_key,
         })
         return m
 
@@ -470,6 +552,7 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
             scaler.update()
             scheduler.step()
             step += 1
+            reached.update(step=step, total=total)
             window_imgs += images.shape[0] * world
             logs = {k: float(v.detach()) for k, v in terms.items()}
             if step % 10 == 0 or step == total:
@@ -490,8 +573,10 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
                 if dist_utils.is_main():
                     save(last_metrics)
                 dist_utils.barrier()
-    last_metrics = validate()
     model_path = out_dir / MODEL_FILE
+    if dist_utils.is_main():
+        save(last_metrics)  # the trained model is safe before validation can fail
+    last_metrics = validate()
     if dist_utils.is_main():
         model_path = save(last_metrics)
     dist_utils.barrier()

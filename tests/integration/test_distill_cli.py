@@ -43,10 +43,12 @@ def test_distill_every_method(method: str, teacher: tuple[Path, Path], tmp_path:
     ev = run_cli(capsys, "evaluate", out / "model.pt", "--json")
     assert ev.code == 0 and 0.0 <= json.loads(ev.out)["mIoU"] <= 1.0
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    terms = {k for e in log for k in e} - {"step", "lr", "img_s", "val"}
+    terms = {k for e in log for k in e} - {"step", "lr", "img_s", "val", "grad_ratio"}
     expected = {"attnfd": {"attn"}, "acam": {"acam_c", "acam_s", "acam_div"}, "cankd": {"can"}, "kd": {"kd"},
                 "mse": {"mse"}, "none": set()}[method]
     assert terms == {"task"} | expected
+    ratios = [e["grad_ratio"] for e in log if "grad_ratio" in e]  # first and last step
+    assert len(ratios) == (2 if expected else 0) and all(r is None or r > 0 for r in ratios)
 
 
 def test_taps_and_hparams_from_cli(teacher: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from kdcompress.config import load_recipe
 from kdcompress.engine.checkpoint import load_model_checkpoint, load_state
-from kdcompress.engine.trainer import train
+from kdcompress.engine.trainer import TrainingInterrupted, train
 from kdcompress.errors import ConfigError, KdError, NonFiniteLossError
 
 
@@ -29,7 +29,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_recipe: Path, tmp_pat
         if step == 5:  # after the checkpoint at step 3
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted, match=r"Interrupted at step 5/6; last checkpoint: .*model.pt at step 3\. "
+                                                   r"Continue with the same command plus --resume"):
         train(load_recipe(str(tiny_recipe), dict(sets)), "student", tmp_path / "cut", progress=False, on_step=interrupt)
     assert load_state(tmp_path / "cut" / "state.pt")["step"] == 3
     resumed = train(load_recipe(str(tiny_recipe), dict(sets)), "student", tmp_path / "cut", resume=True, progress=False)

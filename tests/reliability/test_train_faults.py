@@ -1,0 +1,117 @@
+"""Fault cases of training: bad input never costs a good run; resume only what matches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdcompress.config import load_recipe
+from kdcompress.engine.trainer import train
+from tests.integration.cli_helpers import run_cli
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def one_line(res, needle: str, code: int = 2) -> None:
+    assert res.code == code, (res.code, res.err)
+    assert res.err.strip().splitlines()[0].startswith("error:") and needle in res.err, res.err
+    assert "Traceback" not in res.err
+
+
+@pytest.fixture
+def finished(tiny_recipe: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    train(load_recipe(str(tiny_recipe), {"train.steps": 2, "train.ckpt_every": 1}), "student", out, progress=False)
+    return out
+
+
+def test_force_with_a_bad_option_keeps_the_good_run(finished: Path, tiny_recipe: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    before = snapshot(finished)
+    for bad in (["--set", "train.lr=fast"], ["--set", "train.optimizer=adam"], ["--set", "data.name=nope"],
+                ["--set", "student.model=deeplabv3plus-r999"], ["--pretrained", "/nope.pth"],
+                ["--set", "train.steps=ten"]):
+        res = run_cli(capsys, "train", "-r", tiny_recipe, "--role", "student", "--out", finished, "--force",
+                      "--no-progress", *bad)
+        assert res.code == 2 and "Traceback" not in res.err, (bad, res.err)
+        assert snapshot(finished) == before, bad
+
+
+def test_resume_with_changed_settings_is_refused_before_writing(finished: Path, tiny_recipe: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    before = snapshot(finished)
+    res = run_cli(capsys, "train", "-r", tiny_recipe, "--role", "student", "--out", finished, "--resume",
+                  "--lr", "0.5", "--steps", "3", "--no-progress")
+    one_line(res, "train.lr (0.001 -> 0.5)")
+    res = run_cli(capsys, "train", "-r", tiny_recipe, "--role", "student", "--out", finished, "--resume",
+                  "--batch-size", "2", "--steps", "3", "--no-progress")
+    one_line(res, "train.batch_size")
+    assert snapshot(finished) == before
+    # extending the schedule is allowed, and the log keeps one line per step
+    res = run_cli(capsys, "train", "-r", tiny_recipe, "--role", "student", "--out", finished, "--resume",
+                  "--steps", "3", "--no-progress")
+    assert res.code == 0, res.err
+
+
+def test_resume_trims_the_log_to_the_resumed_step(tiny_recipe: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    sets = {"train.steps": 20, "train.ckpt_every": 10}
+
+    def stop(step: int, _logs: dict) -> None:
+        if step == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Exception, match="Interrupted at step 15/20"):
+        train(load_recipe(str(tiny_recipe), dict(sets)), "student", out, progress=False, on_step=stop)
+    train(load_recipe(str(tiny_recipe), dict(sets)), "student", out, resume=True, progress=False)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "task" in json.loads(x)]
+    assert steps == [10, 20]  # the step-10 line once, no duplicate from the interrupted segment
+
+
+def test_folder_without_checkpoint_counts_as_empty_and_temp_files_are_swept(tiny_recipe: Path,
+                                                                           tmp_path: Path) -> None:
+    out = tmp_path / "left"
+    out.mkdir()
+    (out / "config.yaml").write_text("left by a failed run\n")
+    (out / ".model.pt.abc123.tmp").write_bytes(b"half a file")
+    train(load_recipe(str(tiny_recipe), {"train.steps": 1}), "student", out, progress=False)
+    assert (out / "model.pt").is_file() and not list(out.glob(".*.tmp"))
+
+
+def test_out_pointing_at_a_file(tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    f = tmp_path / "file.txt"
+    f.write_text("keep me")
+    res = run_cli(capsys, "train", "-r", tiny_recipe, "--out", f, "--no-progress")
+    one_line(res, "is a file, not a folder")
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--role", "foo"], "--role must be teacher or student"),
+    (["train", "--set", "train.lr=fast"], "train.lr must be a positive number, got 'fast'"),
+    (["train", "--set", "train.steps=ten"], "train.steps must be a whole number"),
+])
+def test_bad_values_are_one_line(args: list[str], needle: str, tiny_recipe: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture) -> None:
+    res = run_cli(capsys, *args, "-r", tiny_recipe, "--out", tmp_path / "x", "--no-progress")
+    one_line(res, needle)
+    assert not (tmp_path / "x").exists()
+
+
+def test_error_printer_escapes_markup(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdcompress.errors import MissingDependencyError
+    import kdcompress.cli.app as app_mod
+
+    def boom() -> None:
+        raise MissingDependencyError("TensorRT is not installed: pip install 'kdcompress[tensorrt]'")
+
+    monkeypatch.setattr(app_mod, "app", boom)
+    from tests.integration.cli_helpers import run_cli as rc
+
+    res = rc(capsys, "models")
+    assert res.code == 4 and "pip install 'kdcompress[tensorrt]'" in res.err
