@@ -28,6 +28,7 @@ from kdcompress.export.verify import (
     DEFAULT_TOLERANCES,
     ArtifactGuard,
     ResizedDataset,
+    StagedArtifact,
     Tolerances,
     check_miou_drop,
     compare_outputs,
@@ -277,11 +278,11 @@ def export_checkpoint(
             miou_torch = fp32_parity.get("miou_torch")
         prog.note(f"[dim]reusing verified {fp32_path.name} (same checkpoint and settings)[/dim]")
     else:
-        with ArtifactGuard(fp32_path, sidecar_path(fp32_path)):
+        with StagedArtifact(fp32_path) as staged:  # a failure leaves a previous good file untouched
             with prog.stage("export_onnx", f"export ONNX (opset {opset}, dynamo)"):
-                export_onnx(model, fp32_path, size, dynamic_batch=dynamic_batch,
+                export_onnx(model, staged.tmp, size, dynamic_batch=dynamic_batch,
                             dynamic_spatial=dynamic_spatial, opset=opset)
-            with OrtRunner(fp32_path) as ort_fp32:
+            with OrtRunner(staged.tmp) as ort_fp32:
                 with prog.stage("verify_onnx", f"verify ONNX fp32 on {min(verify_images, len(val))} val images"):
                     fp32_parity = verify_against(torch_ref, ort_fp32, images_of(val, verify_images), tol_fp32)
                 with prog.stage("miou_torch", "mIoU PyTorch"):
@@ -291,8 +292,8 @@ def export_checkpoint(
             drop_fp32 = check_miou_drop(miou_torch, miou_fp32, tol_fp32, f"ONNX fp32 '{fp32_path.name}'")
             fp32_parity.update(miou_torch=miou_torch, miou_artifact=miou_fp32, miou_drop=drop_fp32,
                                eval_images=_n_eval(val, max_eval_images), eval_config=eval_config, passed=True)
-            write_sidecar(fp32_path, build_sidecar(fp32_path, kind="onnx", precision="fp32", opset=opset,
-                                                   parity=fp32_parity, **common))
+            staged.commit(build_sidecar(staged.tmp, kind="onnx", precision="fp32", opset=opset,
+                                        parity=fp32_parity, **common))
     if to == "onnx":
         return ExportResult(target=to, precision="fp32", artifact=fp32_path, sidecar=sidecar_path(fp32_path),
                             parity=fp32_parity, miou_torch=fp32_parity["miou_torch"],
@@ -316,11 +317,11 @@ def export_checkpoint(
         trt_cache = Path(calib_cache) if calib_cache else artifact.with_name(artifact.name + ".calib")
     # A calibration cache made by this run goes too if the engine fails (it would reproduce the failure).
     new_cache = [trt_cache] if trt_cache is not None and not trt_cache.exists() else []
-    with ArtifactGuard(artifact, sidecar_path(artifact), *new_cache):
-        if to == "ort-int8":
+    if to == "ort-int8":
+        with StagedArtifact(artifact) as staged:
             with prog.stage("quantize", f"quantize INT8 (QDQ, per-channel, {len(calib)} calibration images)"):
-                quantize_int8(fp32_path, artifact, calib)
-            with OrtRunner(artifact) as art_runner:
+                quantize_int8(fp32_path, staged.tmp, calib)
+            with OrtRunner(staged.tmp) as art_runner:
                 with prog.stage("verify_artifact", "verify INT8 against PyTorch"):
                     parity = verify_against(torch_ref, art_runner, images_of(val, verify_images), tol)
                 with prog.stage("miou_artifact", "mIoU INT8"):
@@ -331,27 +332,35 @@ def export_checkpoint(
             extra = {"calibration": {"split": "train", "images": len(calib), "method": "minmax",
                                      "format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8"},
                      "source_onnx": fp32_path.name, "speed": speed}
-            kind, art_opset = "ort-int8", opset
-        else:
-            with prog.stage("build_engine", f"build TensorRT {precision} engine"):
-                _, trt_info = build_engine(fp32_path, artifact, precision, calib_images=calib, calib_cache=trt_cache,
-                                           min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-                                           workspace_mb=workspace_mb, timing_cache=timing_cache)
-            extra = {"tensorrt": trt_info, "source_onnx": fp32_path.name}
-            kind, art_opset = "tensorrt", opset
-            # The loader checks the sidecar's TensorRT version/GPU, so write it before verifying.
-            write_sidecar(artifact, build_sidecar(artifact, kind=kind, precision=precision, opset=art_opset,
-                                                  parity={"passed": False, "status": "verifying"}, extra=extra, **common))
-            with TrtRunner(artifact) as art_runner:
-                torch_cuda = TorchRunner(model, "cuda")
-                with prog.stage("verify_artifact", f"verify TensorRT {precision} against PyTorch"):
-                    parity = verify_against(torch_cuda, art_runner, images_of(val, verify_images), tol)
-                with prog.stage("miou_artifact", f"mIoU TensorRT {precision}"):
-                    miou_art = miou_of(art_runner, val, max_images=max_eval_images).miou
-                drop = check_miou_drop(miou_torch, miou_art, tol, f"TensorRT {precision} '{artifact.name}'")
-                with prog.stage("benchmark", "GPU latency PyTorch vs TensorRT"):
-                    speed = _compare_speed_cuda(model, art_runner, size, benchmark_iters, precision)
-            extra["speed"] = speed
+            parity.update(miou_torch=miou_torch, miou_artifact=miou_art, miou_drop=drop,
+                          eval_images=_n_eval(val, max_eval_images), eval_config=eval_config, passed=True)
+            staged.commit(build_sidecar(staged.tmp, kind="ort-int8", precision=precision, opset=opset,
+                                        parity=parity, extra=extra, **common))
+        return ExportResult(target=to, precision=precision, artifact=artifact, sidecar=sidecar_path(artifact),
+                            parity=parity, miou_torch=miou_torch, miou_artifact=miou_art, drop=drop,
+                            timings=prog.timings, onnx_fp32=fp32_path, onnx_parity=fp32_parity,
+                            onnx_reused=reused, speed=speed, eval_images=parity["eval_images"])
+    # TensorRT: the engine loader reads the sidecar, so the engine is verified in place and removed on failure.
+    with ArtifactGuard(artifact, sidecar_path(artifact), *new_cache):
+        with prog.stage("build_engine", f"build TensorRT {precision} engine"):
+            _, trt_info = build_engine(fp32_path, artifact, precision, calib_images=calib, calib_cache=trt_cache,
+                                       min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
+                                       workspace_mb=workspace_mb, timing_cache=timing_cache)
+        extra = {"tensorrt": trt_info, "source_onnx": fp32_path.name}
+        kind, art_opset = "tensorrt", opset
+        # The loader checks the sidecar's TensorRT version/GPU, so write it before verifying.
+        write_sidecar(artifact, build_sidecar(artifact, kind=kind, precision=precision, opset=art_opset,
+                                              parity={"passed": False, "status": "verifying"}, extra=extra, **common))
+        with TrtRunner(artifact) as art_runner:
+            torch_cuda = TorchRunner(model, "cuda")
+            with prog.stage("verify_artifact", f"verify TensorRT {precision} against PyTorch"):
+                parity = verify_against(torch_cuda, art_runner, images_of(val, verify_images), tol)
+            with prog.stage("miou_artifact", f"mIoU TensorRT {precision}"):
+                miou_art = miou_of(art_runner, val, max_images=max_eval_images).miou
+            drop = check_miou_drop(miou_torch, miou_art, tol, f"TensorRT {precision} '{artifact.name}'")
+            with prog.stage("benchmark", "GPU latency PyTorch vs TensorRT"):
+                speed = _compare_speed_cuda(model, art_runner, size, benchmark_iters, precision)
+        extra["speed"] = speed
         parity.update(miou_torch=miou_torch, miou_artifact=miou_art, miou_drop=drop,
                       eval_images=_n_eval(val, max_eval_images), eval_config=eval_config, passed=True)
         write_sidecar(artifact, build_sidecar(artifact, kind=kind, precision=precision, opset=art_opset,

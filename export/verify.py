@@ -267,3 +267,36 @@ class ArtifactGuard:
         if exc_type is not None:
             for p in self.paths:
                 Path(p).unlink(missing_ok=True)
+
+
+class StagedArtifact:
+    """Build an artifact in a temp file beside ``dest``; only a verified one replaces ``dest``.
+
+    ``commit(sidecar)`` renames the temp file over ``dest`` and writes its sidecar; a failure in
+    the ``with`` block deletes the temp file and leaves the previous artifact and sidecar exactly
+    as they were (byte-identical).
+    """
+
+    def __init__(self, dest: str | Path) -> None:
+        self.dest = Path(dest)
+        self.tmp = self.dest.with_name(f".{self.dest.stem}.staging{self.dest.suffix}")
+        self.committed = False
+
+    def __enter__(self) -> "StagedArtifact":
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.unlink(missing_ok=True)  # a temp file a killed export left behind
+        return self
+
+    def commit(self, sidecar: dict[str, Any]) -> None:
+        import os
+
+        from kdcompress.export.metadata import write_sidecar
+
+        sidecar = dict(sidecar, artifact=self.dest.name)
+        os.replace(self.tmp, self.dest)
+        write_sidecar(self.dest, sidecar)
+        self.committed = True
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self.committed:
+            self.tmp.unlink(missing_ok=True)

@@ -126,7 +126,7 @@ def test_failed_int8_verification_leaves_nothing(zoo_exports: dict, monkeypatch:
 
     def noisy(self, x):
         out = real_infer(self, x)
-        if self.path.name.startswith("noisy"):
+        if "noisy" in self.path.name:  # the staged file (.noisy.staging.onnx) is what gets verified
             out = out + np.random.default_rng(0).normal(0, 10.0, out.shape).astype(np.float32)
         return out
 
@@ -186,6 +186,21 @@ def test_tiny_export_and_fp32_failure_leaves_nothing(tiny_ckpt, monkeypatch: pyt
     with pytest.raises(ExportError, match=r"Verification failed .*max_abs 0\.01\d* > limit 0\.001"):
         export_checkpoint(ckpt, "onnx", verify_images=2, max_eval_images=4, progress=False)
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["tiny.pt"]
+
+
+def test_failed_re_export_keeps_the_verified_artifact_byte_identical(tiny_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tiny_ckpt()
+    ok = export_checkpoint(ckpt, "onnx", verify_images=2, max_eval_images=4, progress=False)
+    before = {p.name: p.read_bytes() for p in (ok.artifact, ok.sidecar)}
+    real_infer = OrtRunner.infer
+    monkeypatch.setattr(OrtRunner, "infer", lambda self, x: real_infer(self, x) + 0.01)
+    with pytest.raises(ExportError, match="Verification failed"):
+        export_checkpoint(ckpt, "onnx", verify_images=2, max_eval_images=4, progress=False)
+    assert {p.name: p.read_bytes() for p in (ok.artifact, ok.sidecar)} == before
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["tiny.onnx", "tiny.onnx.json", "tiny.pt"]
+    monkeypatch.setattr(OrtRunner, "infer", real_infer)
+    again = export_checkpoint(ckpt, "onnx", verify_images=2, max_eval_images=4, progress=False)
+    assert again.artifact == ok.artifact and read_sidecar(ok.artifact)["artifact"] == "tiny.onnx"
 
 
 def test_miou_drop_limit_enforced(tiny_ckpt) -> None:
