@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -39,6 +40,14 @@ def atomic_write(path: str | Path, write_fn) -> Path:
         write_fn(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are meant to be shared
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, permissions: one line, the old file untouched
+        Path(tmp).unlink(missing_ok=True)
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise KdError(f"Cannot write '{path}': {e.strerror or e} ({free}). Free some space or choose another "
+                      f"output folder; the previous file is unchanged.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -69,6 +78,15 @@ def safe_load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"Checkpoint '{path}' is corrupt or truncated (not a torch zip archive). Re-create it or pick another file."
         )
+    try:  # the archive's CRC-32s catch a file damaged in place (still a valid zip, garbage weights)
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, RuntimeError) as e:
+        raise CheckpointError(f"Checkpoint '{path}' is corrupt ({type(e).__name__}). Re-create it or pick another "
+                              f"file.") from None
+    if bad is not None:
+        raise CheckpointError(f"Checkpoint '{path}' is corrupt: member '{bad}' fails its CRC check (damaged on "
+                              f"disk?). Re-create it or pick another file.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

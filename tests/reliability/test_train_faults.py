@@ -115,3 +115,34 @@ def test_error_printer_escapes_markup(capsys: pytest.CaptureFixture, monkeypatch
 
     res = rc(capsys, "models")
     assert res.code == 4 and "pip install 'kdcompress[tensorrt]'" in res.err
+
+
+def test_checkpoint_damaged_in_place_is_refused(finished: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = finished / "model.pt"
+    data = bytearray(ckpt.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(4096)  # still a valid zip: only the CRCs tell
+    ckpt.write_bytes(bytes(data))
+    res = run_cli(capsys, "evaluate", ckpt)
+    one_line(res, "fails its CRC check")
+
+
+def test_disk_full_is_one_line_and_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from kdcompress.engine.checkpoint import atomic_write_text
+    from kdcompress.errors import KdError
+
+    target = tmp_path / "config.yaml"
+    target.write_text("old\n")
+
+    def full(_tmp: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from kdcompress.engine import checkpoint
+
+    with pytest.raises(KdError, match=r"Cannot write .*No space left on device \(\d+ MiB free there\)"):
+        checkpoint.atomic_write(target, full)
+    assert target.read_text() == "old\n" and not list(tmp_path.glob(".*.tmp"))
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n"
