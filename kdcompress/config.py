@@ -51,6 +51,7 @@ class TrainConfig:
     amp: bool = True  # fp16 on CUDA, bf16 on CPUs with native bf16 (trainer.amp_dtype_for)
     val_every: int = 0  # 0: only at the end
     ckpt_every: int = 0  # 0: only at the end
+    log_every: int = 50  # plain progress line every N steps when output is not a terminal (CI logs)
     seed: int = 0
     device: str = "auto"
 

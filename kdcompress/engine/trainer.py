@@ -309,7 +309,7 @@ def _trim_log(path: Path, step: int | None) -> None:
 def _resume_key(tcfg: TrainConfig, recipe: Recipe, role: str, arch: str, method: str) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one (steps may grow; device may move)."""
     train_cfg = {k: v for k, v in asdict(tcfg).items() if k not in ("steps", "epochs", "device", "val_every",
-                                                                     "ckpt_every")}
+                                                                     "ckpt_every", "log_every")}
     d = asdict(recipe.distill) if role == "student" else {}
     return {"arch": arch, "method": method, "train": train_cfg, "data": asdict(recipe.data),
             "distill": {k: v for k, v in d.items() if k != "teacher_checkpoint"},
@@ -334,6 +334,29 @@ def _interrupted(out_dir: Path, step: int, total: int) -> "TrainingInterrupted":
              else "no checkpoint was written yet (set train.ckpt_every to save periodically)")
     return TrainingInterrupted(f"Interrupted at step {step}/{total}; {where}. Continue with the same command "
                                f"plus --resume.")
+
+
+def _is_tty() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
+
+
+class PlainProgress:
+    """Progress for logs (CI, ``> file``): one plain line every ``every`` steps, never a bar that
+    only draws at the end. Lines name step/total, every loss term, images/s and the ETA."""
+
+    def __init__(self, label: str, total: int, every: int, start: int = 0) -> None:
+        self.label, self.total, self.every = label, total, max(1, every)
+        self.t0, self.start = time.perf_counter(), start
+
+    def update(self, step: int, text: str) -> None:
+        if step % self.every and step != self.total:
+            return
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - step) if done else float("nan")
+        print(f"{self.label}: step {step}/{self.total} {text} | {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
 
 
 class TrainingInterrupted(KdError):
@@ -507,7 +530,10 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
                TimeRemainingColumn(), TextColumn("{task.fields[terms]}")]
     task.train()
     window_t, window_imgs = time.perf_counter(), 0
-    with Progress(*columns, disable=not (progress and dist_utils.is_main())) as bar:
+    show = progress and dist_utils.is_main()
+    plain = PlainProgress(f"{role} {arch}", total, tcfg.log_every, start=step) if show and not _is_tty() else None
+    terms_text = ""
+    with Progress(*columns, disable=not show or plain is not None) as bar:
         ptask = bar.add_task("train", total=total, completed=step, terms="")
         batches = iter(loader)
         while step < total:
@@ -560,8 +586,11 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_t, 1e-9)
                 window_t, window_imgs = now, 0
-                bar.update(ptask, terms=" ".join(f"{k} {v:.3f}" for k, v in logs.items()) + f" | {ips:.1f} img/s")
+                terms_text = " ".join(f"{k} {v:.3f}" for k, v in logs.items()) + f" | {ips:.1f} img/s"
+                bar.update(ptask, terms=terms_text)
                 log({"step": step, "lr": scheduler.get_last_lr()[0], "img_s": ips, **logs})
+            if plain is not None:
+                plain.update(step, terms_text)
             bar.update(ptask, completed=step)
             if on_step is not None:
                 on_step(step, logs)

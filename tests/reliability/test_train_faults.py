@@ -146,3 +146,12 @@ def test_disk_full_is_one_line_and_keeps_the_old_file(tmp_path: Path, monkeypatc
     assert target.read_text() == "old\n" and not list(tmp_path.glob(".*.tmp"))
     atomic_write_text(target, "new\n")
     assert target.read_text() == "new\n"
+
+
+def test_progress_in_a_log_is_plain_periodic_lines(tiny_recipe: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    train(load_recipe(str(tiny_recipe), {"train.steps": 20, "train.log_every": 10}), "student", tmp_path / "p",
+          progress=True)
+    lines = [x for x in capsys.readouterr().out.splitlines() if ": step " in x]
+    assert [x.split(": step ")[1].split()[0] for x in lines] == ["10/20", "20/20"]
+    assert all("task" in x and "img/s" in x and "ETA" in x for x in lines)
