@@ -140,9 +140,12 @@ def profile_target(
                 model, meta = load_model(target)
                 row.update(model=meta.get("arch"), num_classes=meta.get("num_classes"))
             model.eval()
-            check = getattr(model, "check_input_size", None)
-            if callable(check):
-                check((h, w))
+            # PyTorch runs any size the backbone can downsample (PSPNet at 512x1024 as the papers profile
+            # it); only export needs whole pooling grids (check_input_size, called by export).
+            stride = int(getattr(model, "output_stride", 1) or 1)
+            if min(h, w) < stride:
+                raise KdError(f"Input size {h}x{w} is smaller than the model's output stride {stride}; "
+                              f"use at least {stride}x{stride}.")
             source_model = model
             row["params"] = count_params(model)
         else:
