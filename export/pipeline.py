@@ -108,11 +108,29 @@ class Pipeline:
                     self._wipe()
                 else:
                     self.state["stages"] = old.get("stages", {})
+        self._preflight()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise KdError(f"Cannot create '{self.out}' ({e.strerror}). Choose a writable --out.") from None
         atomic_write_text(self.out / "recipe.yaml", to_yaml(self.recipe))
+
+    def _preflight(self) -> None:
+        """Check names and the dataset before the run folder or recipe.yaml exist: a bad recipe
+        leaves nothing that would make the corrected re-run fail."""
+        from kdcompress.data import dataset_info
+        from kdcompress.methods import METHODS
+        from kdcompress.models import resolve_model_name
+
+        r = self.recipe
+        if self.out.exists() and not self.out.is_dir():
+            raise KdError(f"--out '{self.out}' is a file, not a folder. Choose a folder path.")
+        resolve_model_name(r.teacher.model)
+        resolve_model_name(r.student.model, r.teacher.model)
+        METHODS.get(r.distill.method)
+        dataset_info(r.data.name, **dict(r.data.options))
+        for role in ("teacher", "student"):
+            role_train(r, role)
 
     def _wipe(self) -> None:
         for name in ("teacher", "student-none", "student", "plots", "artifacts"):

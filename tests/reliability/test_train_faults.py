@@ -155,3 +155,16 @@ def test_progress_in_a_log_is_plain_periodic_lines(tiny_recipe: Path, tmp_path: 
     lines = [x for x in capsys.readouterr().out.splitlines() if ": step " in x]
     assert [x.split(": step ")[1].split()[0] for x in lines] == ["10/20", "20/20"]
     assert all("task" in x and "img/s" in x and "ETA" in x for x in lines)
+
+
+def test_pipeline_with_a_bad_recipe_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from tests.integration.conftest import TINY
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump(dict(TINY, distill={"method": "acamm"})))
+    out = tmp_path / "run"
+    res = run_cli(capsys, "pipeline", recipe, "--out", out, "--no-progress")
+    one_line(res, "Did you mean 'acam'")
+    assert not out.exists()
