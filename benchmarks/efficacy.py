@@ -134,8 +134,8 @@ def main() -> None:
     pre = {role: pretrained(role) for role in ("teacher", "student")}
     pre_info = {role: (read_pretrain_record(p) if p else None) for role, p in pre.items()}
 
-    key = json.dumps([asdict(base.data), asdict(base.teacher), asdict(role_train(base, "teacher")),
-                      asdict(base.pretrain)], sort_keys=True)
+    key = json.dumps([asdict(base.data), asdict(base.teacher), schedule(base, "teacher"), asdict(base.pretrain)],
+                     sort_keys=True)
     tdir = work / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     tckpt = tdir / "model.pt"
     meta = load_model_checkpoint(tckpt)["meta"] if tckpt.is_file() else {}
@@ -165,7 +165,7 @@ def main() -> None:
                                                   f"distill.teacher_checkpoint={tckpt}"])
         r.distill.hparams, r.distill.taps = hparams, taps
         r.distill.warmup = warmup  # None: the method's own default
-        rkey = json.dumps([asdict(r.data), asdict(r.student), asdict(role_train(r, "student")), asdict(r.pretrain),
+        rkey = json.dumps([asdict(r.data), asdict(r.student), schedule(r, "student"), asdict(r.pretrain),
                            asdict(r.distill) | {"teacher_checkpoint": None}, str(tdir), label], sort_keys=True)
         rdir = work / f"{method}-s{seed}-{hashlib.sha256(rkey.encode()).hexdigest()[:12]}"
         cached = rdir / "result.json"
@@ -224,6 +224,13 @@ def main() -> None:
            "torch_threads": torch.get_num_threads(), "environment": environment("cpu")}
     atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"saved {args.out}")
+
+
+def schedule(recipe: Any, role: str) -> dict[str, Any]:
+    """The role's training settings that change its result (cache key): logging cadence excluded."""
+    from kdcompress.config import role_train
+
+    return {k: v for k, v in asdict(role_train(recipe, role)).items() if k not in ("log_every",)}
 
 
 def _fmt(v: float | None) -> str:
