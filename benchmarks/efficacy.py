@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override, e.g. student.train.steps=300")
     ap.add_argument("--work", type=Path, default=None, help="cache folder (default $KDCOMPRESS_CACHE/efficacy)")
     ap.add_argument("--cka-images", type=int, default=32)
+    ap.add_argument("--report-only", action="store_true",
+                    help="build the table from finished (cached) runs only; list the runs still missing")
     ap.add_argument("--out", type=Path, default=RESULTS / "efficacy.json")
     args = ap.parse_args()
     rows = args.methods or default_rows()
@@ -158,7 +160,8 @@ def main() -> None:
 
     plan = [(label, seed) for label in rows for seed in args.seeds]
     plan += [(label, args.seeds[0]) for label in args.ablations if label not in rows]
-    runs = []
+    runs: list[dict[str, Any]] = []
+    missing: list[str] = []
     for label, seed in plan:
         method, hparams, taps, warmup = parse_variant(label)
         r = load_recipe(args.recipe, args.sets + [f"student.train.seed={seed}", f"distill.method={method}",
@@ -171,6 +174,9 @@ def main() -> None:
         cached = rdir / "result.json"
         if cached.is_file():
             row = json.loads(cached.read_text())
+        elif args.report_only:
+            missing.append(f"{label} seed {seed}")
+            continue
         else:
             res = train(r, "student", rdir, force=True, progress=False)
             student, _ = load_model(res.model_path)
@@ -186,6 +192,8 @@ def main() -> None:
               f"{_fmt(gr.get('start'))} -> {_fmt(gr.get('end'))}  CKA {row['cka_init']:.3f} -> {row['cka_end']:.3f}",
               flush=True)
 
+    if missing:
+        print(f"not run (time budget): {', '.join(missing)}")
     none = [x["mIoU"] for x in runs if x["method"] == "none"]
     none_mean = statistics.mean(none) if none else float("nan")
     gap = teacher_miou - none_mean
@@ -216,10 +224,12 @@ def main() -> None:
               f"{_fmt(t['grad_ratio_end']):>5s} {t['cka_init']:.3f} -> {t['cka_end']:.3f}")
     out = {"benchmark": "efficacy", "recipe": base.name,
            "teacher": {"model": base.teacher.model, "mIoU": teacher_miou, "wall_s": teacher_wall,
+                       "curve": [[c["step"], c["val"]["mIoU"]] for c in map(json.loads,
+                                 (tdir / "metrics.jsonl").read_text().splitlines()) if "val" in c],
                        "train": asdict(role_train(base, "teacher"))},
            "student": {"model": base.student.model, "train": asdict(role_train(base, "student"))},
            "pretrain": {"config": asdict(base.pretrain), "teacher": pre_info["teacher"], "student": pre_info["student"]},
-           "overrides": args.sets, "seeds": args.seeds, "table": table, "runs": runs,
+           "overrides": args.sets, "seeds": args.seeds, "table": table, "runs": runs, "not_run": missing,
            "wall_s": time.perf_counter() - t_start, "runs_wall_s": sum(x["wall_s"] for x in runs),
            "torch_threads": torch.get_num_threads(), "environment": environment("cpu")}
     atomic_write_text(args.out, json.dumps(out, indent=2))
