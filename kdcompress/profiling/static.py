@@ -85,7 +85,16 @@ def onnx_param_count(path_or_proto: str | Path | Any) -> int:
     import onnx
     from onnx import TensorProto
 
-    proto = onnx.load(str(path_or_proto), load_external_data=False) if isinstance(path_or_proto, (str, Path)) else path_or_proto
+    if isinstance(path_or_proto, (str, Path)):
+        try:
+            proto = onnx.load(str(path_or_proto), load_external_data=False)
+        except Exception as e:  # DecodeError and friends: a truncated or foreign file
+            from kdcompress.errors import KdError
+
+            raise KdError(f"'{path_or_proto}' is not a valid ONNX file ({type(e).__name__}). Re-export it with "
+                          f"`kdcompress export --to onnx`.") from None
+    else:
+        proto = path_or_proto
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
     quantized = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32}
     not_weights: set[str] = set()  # quantisation scales / zero points, Resize roi / scales

@@ -168,3 +168,10 @@ def test_pipeline_with_a_bad_recipe_writes_nothing(tmp_path: Path, capsys: pytes
     res = run_cli(capsys, "pipeline", recipe, "--out", out, "--no-progress")
     one_line(res, "Did you mean 'acam'")
     assert not out.exists()
+
+
+def test_corrupt_onnx_given_to_profile(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    res = run_cli(capsys, "profile", bad, "--input-size", "32x32")
+    one_line(res, "is not a valid ONNX file")
