@@ -336,6 +336,14 @@ def _interrupted(out_dir: Path, step: int, total: int) -> "TrainingInterrupted":
                                f"plus --resume.")
 
 
+def worker_message(text: str) -> str:
+    """The original one-line message of an error re-raised from a DataLoader worker."""
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _is_tty() -> bool:
     import sys
 
@@ -537,7 +545,10 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
         ptask = bar.add_task("train", total=total, completed=step, terms="")
         batches = iter(loader)
         while step < total:
-            images, labels = next(batches)
+            try:
+                images, labels = next(batches)
+            except KdError as e:  # from a DataLoader worker: its message carries the worker's traceback
+                raise type(e)(worker_message(str(e))) from None
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):

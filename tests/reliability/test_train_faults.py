@@ -175,3 +175,13 @@ def test_corrupt_onnx_given_to_profile(tmp_path: Path, capsys: pytest.CaptureFix
     bad.write_bytes(b"not an onnx model")
     res = run_cli(capsys, "profile", bad, "--input-size", "32x32")
     one_line(res, "is not a valid ONNX file")
+
+
+def test_worker_error_arrives_as_its_one_line() -> None:
+    from kdcompress.engine.trainer import worker_message
+
+    wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\n    raise DataError(msg)\n'
+               "kdcompress.errors.DataError: Label 'a.png' has values 40 outside 0..10; fix the file\n")
+    assert worker_message(wrapped) == "Label 'a.png' has values 40 outside 0..10; fix the file"
+    assert worker_message("plain message") == "plain message"
