@@ -343,12 +343,14 @@ def export_checkpoint(
     # TensorRT: the engine loader reads the sidecar, so the engine is verified in place and removed on failure.
     with ArtifactGuard(artifact, sidecar_path(artifact), *new_cache):
         with prog.stage("build_engine", f"build TensorRT {precision} engine"):
+            # int8: the Q/DQ ONNX is verified in ORT (parity + mIoU drop, these tolerances) before the build
             _, trt_info = build_engine(fp32_path, artifact, precision, calib_images=calib, calib_cache=trt_cache,
                                        min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-                                       workspace_mb=workspace_mb, timing_cache=timing_cache)
+                                       workspace_mb=workspace_mb, timing_cache=timing_cache,
+                                       tolerances=tol if precision == "int8" else None)
         extra = {"tensorrt": trt_info, "source_onnx": fp32_path.name}
         kind, art_opset = "tensorrt", opset
-        # The loader checks the sidecar's TensorRT version/GPU, so write it before verifying.
+        # The loader checks the sidecar's TensorRT version/compute capability, so write it before verifying.
         write_sidecar(artifact, build_sidecar(artifact, kind=kind, precision=precision, opset=art_opset,
                                               parity={"passed": False, "status": "verifying"}, extra=extra, **common))
         with TrtRunner(artifact) as art_runner:

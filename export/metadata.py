@@ -51,7 +51,9 @@ def versions() -> dict[str, str | None]:
     import torch
 
     ort = package_version("onnxruntime") or package_version("onnxruntime-gpu")
-    trt = package_version("tensorrt") or package_version("tensorrt-cu12") or package_version("tensorrt-cu11")
+    from kdcompress.export.tensorrt import trt_version_installed  # every distribution name (tensorrt, -cu12, -cu13, ...)
+
+    trt = trt_version_installed()
     from kdcompress import __version__ as kd_version
 
     return {

@@ -74,12 +74,63 @@ def quantize_int8(
     calibrate_method: str = "minmax",
     activation_type: str = "quint8",
 ) -> Path:
-    """Static QDQ INT8 model of ``fp32_onnx``, written atomically to ``out_path``.
+    """Static QDQ INT8 model of ``fp32_onnx`` for ONNX Runtime (CPU), written atomically to ``out_path``.
 
     ``quant_pre_process`` (symbolic shape inference + ORT graph optimisation) runs first, as ORT
     recommends, so BN-folded convs and fused patterns are what gets quantised. Activations are
-    uint8 / weights int8 per output channel: the U8S8 combination ORT's x86 kernels are fast at.
+    uint8 (asymmetric) / weights int8 per output channel: the U8S8 combination ORT's x86 kernels
+    are fast at. Not for TensorRT, which needs symmetric int8 everywhere: see
+    :func:`quantize_int8_trt`.
     """
+    acts = {"quint8": "QUInt8", "qint8": "QInt8"}
+    if activation_type not in acts:
+        raise KdError(f"Unknown activation type '{activation_type}'. Available: {', '.join(acts)}")
+    return _quantize_static(fp32_onnx, out_path, calib_images, per_channel=per_channel,
+                            calibrate_method=calibrate_method, activation_type=acts[activation_type], extra_options=None)
+
+
+#: ``quantize_static`` options that give a TensorRT explicit-quantization graph (names as in
+#: onnxruntime/quantization/quantize.py ``quantize_static`` docstring, ORT 1.18 - 1.31):
+#: zero points 0 for activations and weights, biases left in float (TensorRT fuses them itself).
+TRT_QDQ_EXTRA_OPTIONS: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+
+
+def quantize_int8_trt(
+    fp32_onnx: str | Path,
+    out_path: str | Path,
+    calib_images: Sequence[np.ndarray] | Iterable[np.ndarray],
+    calibrate_method: str = "minmax",
+) -> Path:
+    """Q/DQ INT8 ONNX that TensorRT builds with explicit quantization (10.x and 11.x).
+
+    TensorRT only runs *symmetric* INT8: activations and weights are ``QInt8`` with zero point
+    0, weights per output channel (``per_channel=True``, int8 in [-127, 127]) and biases stay
+    float. ``QuantFormat.QDQ`` keeps the float ops between QuantizeLinear/DequantizeLinear
+    pairs, which is the form TensorRT's ONNX parser turns into INT8 kernels. The result is
+    checked with :func:`check_trt_qdq`; a graph TensorRT would mis-build is an ExportError,
+    never a file.
+    """
+    def check(path: Path) -> None:
+        problems = check_trt_qdq(path)
+        if problems:
+            raise ExportError(f"the INT8 Q/DQ ONNX for TensorRT is not TensorRT-compatible ({len(problems)} problem(s)): "
+                              f"{problems[0]}. Report this with the model name and onnxruntime version.")
+
+    return _quantize_static(fp32_onnx, out_path, calib_images, per_channel=True, calibrate_method=calibrate_method,
+                            activation_type="QInt8", extra_options=dict(TRT_QDQ_EXTRA_OPTIONS), check=check)
+
+
+def _quantize_static(
+    fp32_onnx: str | Path,
+    out_path: str | Path,
+    calib_images: Sequence[np.ndarray] | Iterable[np.ndarray],
+    *,
+    per_channel: bool,
+    calibrate_method: str,
+    activation_type: str,
+    extra_options: dict[str, Any] | None,
+    check: Any = None,
+) -> Path:
     import onnxruntime  # noqa: F401  (clear error below if missing)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -92,9 +143,6 @@ def quantize_int8(
                "percentile": CalibrationMethod.Percentile}
     if calibrate_method not in methods:
         raise KdError(f"Unknown calibration method '{calibrate_method}'. Available: {', '.join(methods)}")
-    acts = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
-    if activation_type not in acts:
-        raise KdError(f"Unknown activation type '{activation_type}'. Available: {', '.join(acts)}")
     fp32_onnx = Path(fp32_onnx)
     if not fp32_onnx.is_file():
         raise ExportError(f"'{fp32_onnx}' does not exist: INT8 quantisation needs the fp32 ONNX first.")
@@ -116,21 +164,236 @@ def quantize_int8(
 
         def write(tmp_out: Path) -> None:
             reader = make_calibration_reader(images)
+            kwargs: dict[str, Any] = {}
+            if extra_options:
+                kwargs["extra_options"] = extra_options
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
                     quantize_static(
                         str(pre), str(tmp_out), reader,
                         quant_format=QuantFormat.QDQ,
                         per_channel=per_channel,
-                        activation_type=acts[activation_type],
+                        activation_type=getattr(QuantType, activation_type),
                         weight_type=QuantType.QInt8,
                         calibrate_method=methods[calibrate_method],
+                        **kwargs,
                     )
             except Exception as e:
                 raise ExportError(f"ONNX Runtime static quantisation failed: {type(e).__name__}: "
                                   f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}.") from e
+            if check is not None:
+                check(tmp_out)
 
         try:
             return atomic_write(Path(out_path), write)
         finally:
             quiet.setLevel(old_level)
+
+
+# ---- TensorRT Q/DQ graph check ---------------------------------------------------------------
+
+#: Ops of ORT's QOperator format / contrib quantisation: TensorRT's parser has no INT8 kernels for them.
+_QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+                  "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearReduceMean",
+                  "QLinearSoftmax", "QLinearWhere", "QGemm", "QAttention", "ConvInteger", "MatMulInteger",
+                  "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def check_trt_qdq(model: Any) -> list[str]:
+    """Problems that stop TensorRT from building ``model`` (ONNX path or ModelProto) as explicit INT8.
+
+    Empty list = compatible. Checked: there are Q/DQ nodes, all in the standard ONNX domain
+    (no QOperator/contrib ops); every QuantizeLinear/DequantizeLinear has an explicit INT8 zero
+    point that is all zeros and a positive finite float scale; no UINT8 tensor anywhere
+    (initializers, inputs/outputs, inferred value types, Cast targets); activations are
+    quantized per tensor; quantized Conv/ConvTranspose weights are int8 constants in
+    [-127, 127] with a per-output-channel scale; Conv/ConvTranspose/Gemm biases are float
+    constants, not dequantized int32.
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is only used to find UINT8 value types
+        inferred = model
+    g = inferred.graph
+    problems: list[str] = []
+    inits = {t.name: t for t in g.initializer}
+    consts: dict[str, Any] = {}
+    for n in g.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+    tensors = {**consts, **inits}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, i))
+
+    def arr(name: str) -> np.ndarray | None:
+        t = tensors.get(name)
+        return numpy_helper.to_array(t) if t is not None else None
+
+    opset = next((int(o.version) for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        problems.append(f"opset {opset} < 13: per-channel DequantizeLinear (axis) needs opset >= 13")
+
+    qnodes = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not any(n.op_type == "QuantizeLinear" for n in qnodes) or not any(n.op_type == "DequantizeLinear" for n in qnodes):
+        problems.append("the graph has no QuantizeLinear/DequantizeLinear pair: it is not quantized")
+    for n in g.node:
+        if n.op_type in _QOPERATOR_OPS:
+            problems.append(f"node '{n.name}' is {n.op_type} (QOperator format); TensorRT needs QuantFormat.QDQ")
+        elif n.domain not in ("", "ai.onnx"):
+            problems.append(f"node '{n.name}' ({n.op_type}) is in domain '{n.domain}'; TensorRT needs standard ONNX ops")
+
+    for n in qnodes:
+        label = f"{n.op_type} '{n.name or n.output[0]}'"
+        for a in n.attribute:
+            if a.name == "output_dtype" and a.i not in (0, TensorProto.INT8):
+                problems.append(f"{label} has output_dtype {TensorProto.DataType.Name(a.i)}; TensorRT needs INT8")
+        if len(n.input) < 3 or not n.input[2]:
+            problems.append(f"{label} has no zero point (ONNX then defaults to UINT8); TensorRT needs an INT8 zero point of 0")
+        else:
+            zp_t = tensors.get(n.input[2])
+            if zp_t is None:
+                problems.append(f"{label}: zero point '{n.input[2]}' is not a constant")
+            else:
+                if zp_t.data_type != TensorProto.INT8:
+                    problems.append(f"{label}: zero point '{n.input[2]}' is {TensorProto.DataType.Name(zp_t.data_type)}, not INT8")
+                zp = numpy_helper.to_array(zp_t)
+                if np.any(zp != 0):
+                    problems.append(f"{label}: zero point '{n.input[2]}' is not all 0 (max |zp| {int(np.abs(zp.astype(np.int64)).max())}); "
+                                    f"TensorRT only supports symmetric quantization")
+        scale = arr(n.input[1]) if len(n.input) > 1 else None
+        if scale is None:
+            problems.append(f"{label}: scale is not a constant")
+            continue
+        if scale.dtype.kind != "f" or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            problems.append(f"{label}: scale must be positive finite float (got dtype {scale.dtype}, min {float(np.min(scale)) if scale.size else 'n/a'})")
+        weight = arr(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if n.op_type == "QuantizeLinear" and scale.size != 1:
+            src = producer.get(n.input[0])
+            if not (n.input[0] in tensors or (src is not None and src.op_type == "Constant")):
+                problems.append(f"{label}: activation scale has {scale.size} values; TensorRT needs per-tensor activation scales")
+        if weight is not None:  # a constant being dequantized: a quantized weight (or bias)
+            if weight.dtype != np.int8:
+                problems.append(f"{label}: quantized constant '{n.input[0]}' is {weight.dtype}, not int8 "
+                                f"({'a quantized bias; use QuantizeBias=False' if weight.dtype == np.int32 else 'TensorRT needs int8'})")
+                continue
+            if weight.size and int(weight.min()) < -127:
+                problems.append(f"{label}: weight '{n.input[0]}' uses -128; TensorRT weights must lie in [-127, 127] (symmetric)")
+            for cons, idx in consumers.get(n.output[0], []):
+                if cons.op_type in ("Conv", "ConvTranspose") and idx == 1 and weight.ndim >= 3:
+                    # output-channel axis: 0 for Conv (M x C/g x k x k), 1 for ConvTranspose (C x M/g x k x k)
+                    channels = int(weight.shape[0 if cons.op_type == "Conv" else 1])
+                    if channels > 1 and scale.size != channels:
+                        problems.append(f"{label}: weight of {cons.op_type} '{cons.name}' has {scale.size} scale(s) for "
+                                        f"{channels} output channels; TensorRT INT8 convs want per-channel weights (per_channel=True)")
+
+    for n in g.node:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2]:
+            b = n.input[2]
+            src = producer.get(b)
+            if src is not None and src.op_type == "DequantizeLinear":
+                problems.append(f"bias '{b}' of {n.op_type} '{n.name}' is quantized (DequantizeLinear of "
+                                f"'{src.input[0]}'); TensorRT needs float biases (QuantizeBias=False)")
+            else:
+                t = tensors.get(b)
+                if t is not None and t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
+                    problems.append(f"bias '{b}' of {n.op_type} '{n.name}' is {TensorProto.DataType.Name(t.data_type)}, not float")
+
+    uint8 = TensorProto.UINT8
+    for t in g.initializer:
+        if t.data_type == uint8:
+            problems.append(f"initializer '{t.name}' is UINT8; TensorRT needs INT8 (activation_type=QuantType.QInt8)")
+    for name, t in consts.items():
+        if t.data_type == uint8:
+            problems.append(f"Constant '{name}' is UINT8; TensorRT needs INT8")
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.tensor_type.elem_type == uint8:
+            problems.append(f"tensor '{vi.name}' is UINT8; TensorRT needs INT8 (activation_type=QuantType.QInt8)")
+    for n in g.node:
+        if n.op_type == "Cast" and any(a.name == "to" and a.i == uint8 for a in n.attribute):
+            problems.append(f"Cast '{n.name}' casts to UINT8; TensorRT needs INT8")
+    # one line per problem, no duplicates, stable order
+    return list(dict.fromkeys(problems))
+
+
+# ---- verification of an INT8 ONNX on CPU (before TensorRT builds it) -------------------------
+
+def _val_split_of(side: dict[str, Any] | None) -> tuple[Any, dict[str, Any]] | tuple[None, str]:
+    """The validation split a fp32 ONNX was verified on, rebuilt from its sidecar (or None and why)."""
+    if not side:
+        return None, "the fp32 ONNX has no kdcompress sidecar"
+    parity = side.get("parity") or {}
+    ec = parity.get("eval_config") or {}
+    if not ec or parity.get("miou_torch") is None or not side.get("dataset"):
+        return None, "the fp32 ONNX sidecar records no evaluation set / PyTorch mIoU"
+    from kdcompress.data import build_dataset, val_transform
+    from kdcompress.export.verify import ResizedDataset
+
+    root = ec.get("data_root")
+    root = None if root in (None, "None", "") else root
+    norm = side.get("normalization") or {}
+    try:
+        ds = build_dataset(ec.get("dataset") or side["dataset"], root, ec.get("split", "val"),
+                           val_transform(tuple(norm.get("mean") or ()), tuple(norm.get("std") or ())),
+                           **dict(ec.get("data_options") or {}))
+    except KdError as e:
+        return None, f"its validation split is unavailable here ({str(e)[:120]})"
+    size = ec.get("input_size") or side.get("input_size")
+    return ResizedDataset(ds, tuple(size) if size else None), ec
+
+
+def verify_int8_onnx(
+    candidate: str | Path,
+    fp32_onnx: str | Path,
+    calib_images: Sequence[np.ndarray] | Iterable[np.ndarray] = (),
+    tolerances: Any = None,
+    what: str = "INT8 Q/DQ ONNX for TensorRT",
+) -> dict[str, Any]:
+    """Verify an INT8 ONNX in ONNX Runtime (CPU) against its fp32 ONNX; ExportError when it fails.
+
+    Same checks as ``--to ort-int8`` (:func:`kdcompress.export.verify.verify_against`,
+    :func:`~kdcompress.export.verify.miou_of`, :func:`~kdcompress.export.verify.check_miou_drop`
+    with the ``int8`` tolerances): when ``fp32_onnx`` has its kdcompress sidecar, argmax parity on
+    as many validation images as the fp32 ONNX was checked on and the mIoU drop against the
+    recorded PyTorch mIoU on the same evaluation set; otherwise parity on up to 8 of
+    ``calib_images`` (recorded as such: no mIoU check is possible without labels).
+    """
+    from kdcompress.export.metadata import read_sidecar
+    from kdcompress.export.runners import OrtRunner
+    from kdcompress.export.verify import check_miou_drop, images_of, miou_of, resolve_tolerances, verify_against
+
+    tol = resolve_tolerances("int8", tolerances)
+    try:
+        side = read_sidecar(fp32_onnx, required=False)
+    except ExportError:
+        side = None
+    val, ec = _val_split_of(side)
+    with OrtRunner(fp32_onnx) as ref, OrtRunner(candidate) as cand:
+        if val is not None:
+            n = int((side or {}).get("parity", {}).get("images") or 8)
+            report = verify_against(ref, cand, images_of(val, n), tol)
+            miou_ref = float(side["parity"]["miou_torch"])  # type: ignore[index]
+            max_eval = ec.get("max_eval_images")  # type: ignore[union-attr]
+            miou = miou_of(cand, val, max_images=max_eval).miou
+            drop = check_miou_drop(miou_ref, miou, tol, what)
+            report.update(images_from="validation split (fp32 ONNX sidecar)", miou_torch=miou_ref, miou_artifact=miou,
+                          miou_drop=drop, eval_images=len(val) if max_eval is None else min(len(val), int(max_eval)))
+        else:
+            imgs = list(calib_images)[:8]
+            if not imgs:
+                raise ExportError(f"cannot verify the {what}: {ec} and no images were given.")
+            report = verify_against(ref, cand, imgs, tol)
+            report.update(images_from=f"calibration images ({ec}; mIoU not checked)", miou_drop=None)
+    report["passed"] = True
+    report["runtime"] = "onnxruntime CPUExecutionProvider"
+    return report

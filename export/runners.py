@@ -103,10 +103,11 @@ class OrtRunner(Runner):
 
 
 class TrtRunner(Runner):
-    """A TensorRT 10 engine executed with torch CUDA tensors as I/O buffers (no pycuda).
+    """A TensorRT 10.x / 11.x engine executed with torch CUDA tensors as I/O buffers (no pycuda).
 
-    The sidecar's TensorRT version and GPU are checked before deserialising (see
-    :func:`kdcompress.export.tensorrt.load_engine`).
+    The sidecar's TensorRT version and compute capability are checked before deserialising (see
+    :func:`kdcompress.export.tensorrt.load_engine`). Outputs must have a shape known once the
+    input shape is set; a data-dependent output (``-1`` dims) is refused with an ExportError.
     """
 
     def __init__(self, engine_path: str | Path, device: str | torch.device = "cuda") -> None:
@@ -130,14 +131,18 @@ class TrtRunner(Runner):
         self.name = "tensorrt"
 
     def _torch_dtype(self, name: str) -> torch.dtype:
+        """torch dtype of an engine I/O tensor (DataType shorthands as confirmed in trt_api.TRT_API)."""
         trt = self.trt
-        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int8: torch.int8,
-                 trt.int32: torch.int32, trt.bool: torch.bool}
-        if hasattr(trt, "int64"):
-            table[trt.int64] = torch.int64
-        if hasattr(trt, "bf16"):
-            table[trt.bf16] = torch.bfloat16
-        return table[self.engine.get_tensor_dtype(name)]
+        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                 trt.int8: torch.int8, trt.uint8: torch.uint8, trt.int32: torch.int32, trt.int64: torch.int64,
+                 trt.bool: torch.bool}
+        if hasattr(torch, "float8_e4m3fn"):
+            table[trt.fp8] = torch.float8_e4m3fn  # TensorRT's FP8 is E4M3
+        dtype = self.engine.get_tensor_dtype(name)
+        if dtype not in table:
+            raise ExportError(f"engine '{self.path.name}' tensor '{name}' has TensorRT type {dtype}, which has no torch "
+                              f"equivalent here; rebuild the engine with float32 I/O (kdcompress export keeps I/O fp32).")
+        return table[dtype]
 
     def infer_torch(self, x: torch.Tensor) -> torch.Tensor:
         """GPU in, GPU out (no host copies): what latency benchmarks time."""
@@ -148,8 +153,12 @@ class TrtRunner(Runner):
             lo, opt, hi = self.engine.get_tensor_profile_shape(inp, 0)
             raise ExportError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile "
                               f"(min {tuple(lo)}, max {tuple(hi)}). Rebuild the engine with a wider profile.")
-        out = torch.empty(tuple(self.context.get_tensor_shape(out_name)), dtype=self._torch_dtype(out_name),
-                          device=self.device)
+        shape = tuple(int(d) for d in self.context.get_tensor_shape(out_name))
+        if any(d < 0 for d in shape):
+            raise ExportError(f"engine '{self.path.name}' output '{out_name}' has a data-dependent shape {list(shape)} "
+                              f"for input {tuple(x.shape)}; kdcompress runners need output shapes known from the input "
+                              f"shape (segmentation logits). Re-export a model whose output size follows its input.")
+        out = torch.empty(shape, dtype=self._torch_dtype(out_name), device=self.device)
         self.context.set_tensor_address(inp, x.data_ptr())
         self.context.set_tensor_address(out_name, out.data_ptr())
         # TensorRT must see the input written before it runs on its own stream.
@@ -168,7 +177,11 @@ class TrtRunner(Runner):
         return out.float().cpu().numpy()
 
     def device_memory_bytes(self) -> int:
-        """Activation/scratch memory TensorRT allocates for the context (outside torch's allocator)."""
+        """Activation/scratch memory TensorRT allocates for the context (outside torch's allocator).
+
+        ``device_memory_size_v2`` exists from TensorRT 10.1 and is the only one in 11.x;
+        ``device_memory_size`` (removed in 11) is the fallback for 10.0.
+        """
         if hasattr(self.engine, "device_memory_size_v2"):
             return int(self.engine.device_memory_size_v2)
         return int(self.engine.device_memory_size)

@@ -223,6 +223,8 @@ def environment(device: str = "cpu", threads: int | None = None) -> dict[str, An
         except metadata.PackageNotFoundError:
             return None
 
+    from kdcompress.versions import trt_version_installed
+
     env: dict[str, Any] = {
         "device": str(device),
         "cpu_model": cpu_model(),
@@ -234,7 +236,7 @@ def environment(device: str = "cpu", threads: int | None = None) -> dict[str, An
         "torch": torch.__version__,
         "onnx": ver("onnx"),
         "onnxruntime": ver("onnxruntime") or ver("onnxruntime-gpu"),
-        "tensorrt": ver("tensorrt") or ver("tensorrt-cu12"),
+        "tensorrt": trt_version_installed(),  # any distribution name: tensorrt, tensorrt-cu12, -cu13, ...
         "cuda_available": torch.cuda.is_available(),
     }
     if str(device).startswith("cuda") and torch.cuda.is_available():
