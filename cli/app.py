@@ -11,6 +11,7 @@ from kdcompress.cli import deploy as deploy_cmd
 from kdcompress.cli import evaluate as evaluate_cmd
 from kdcompress.cli import pipeline as pipeline_cmd
 from kdcompress.cli import train as train_cmd
+from kdcompress.cli import visualize as visualize_cmd
 from kdcompress.cli import zoo as zoo_cmd
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.command("profile")(deploy_cmd.profile)
 app.command("pipeline")(pipeline_cmd.pipeline)
 app.command("models")(zoo_cmd.models)
 app.command("taps")(zoo_cmd.taps)
+app.add_typer(visualize_cmd.app, name="visualize")
 
 
 def main() -> None:

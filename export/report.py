@@ -1,4 +1,6 @@
-"""report.json + report.md with tables and plots (training curves, per-class IoU, latency per backend)."""
+"""report.json + report.md with tables and plots (training curves, per-class IoU, latency per backend), plus
+two figures from ``kdcompress.visualize``: the three models' predictions on one validation image and what the
+distillation method sees on it. A figure that cannot be made becomes a warning line, never a failed pipeline."""
 
 from __future__ import annotations
 
@@ -126,14 +128,79 @@ def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
             lines.append(f"| {g['gate']} | {g['what']} | {g['value']:.4g} | {g['limit']:.4g} | "
                          f"{'pass' if g['passed'] else '**FAIL**'} |")
     lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
+    lines += _figures_markdown(report.get("figures") or {})
     lines += ["", "## Stages", "", "| stage | wall (s) | skipped |", "|---|---|---|"]
     for k, v in report["stages"].items():
         lines.append(f"| {k} | {v['wall_s']:.1f} | {bool(v['skipped'])} |")
     return "\n".join(lines) + "\n"
 
 
+FIGURE_IMAGES = 1  # validation images drawn into the report (the first N)
+
+
+def _figures(out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Predictions of teacher / plain / distilled student on a validation image and the distilled run's
+    method view, written under plots/: {"files": {name: path}, "models": [...], "warnings": [...]}.
+    Each figure fails on its own into a warning line."""
+    res: dict[str, Any] = {"files": {}, "models": [], "warnings": []}
+    teacher = out / "teacher" / "model.pt"
+    if not teacher.is_file() and (report.get("teacher") or {}).get("checkpoint"):
+        teacher = Path(report["teacher"]["checkpoint"])  # a teacher given to the pipeline, not trained in it
+    distilled = out / "student"
+    models = {label: path for label, path in (("teacher", teacher), ("plain", out / "student-none" / "model.pt"),
+                                              ("distilled", distilled / "model.pt")) if path.is_file()}
+    if "distilled" not in models:
+        res["warnings"].append(f"no figures: '{distilled / 'model.pt'}' does not exist")
+        return res
+
+    def attempt(what: str, make: Any) -> list[Path]:
+        try:
+            return make()
+        except Exception as e:  # noqa: BLE001 - a figure is optional, the report is not
+            text = (str(e).strip().splitlines() or [""])[0]
+            res["warnings"].append(f"{what} could not be made ({type(e).__name__}{': ' + text if text else ''})")
+            return []
+
+    from kdcompress.visualize import method_figures, predictions_figures
+
+    for p in attempt("prediction figure", lambda: predictions_figures(models, out / "plots", FIGURE_IMAGES,
+                                                                      device="auto")):
+        res["files"][p.stem] = f"plots/{p.name}"
+        res["models"] = list(models)
+    teacher_given = teacher if "teacher" in models else None
+    for p in attempt("method figure", lambda: method_figures(distilled, out / "plots", FIGURE_IMAGES,
+                                                             teacher=teacher_given, device="auto")):
+        res["files"][p.stem] = f"plots/{p.name}"
+    return res
+
+
+def _figures_markdown(figures: dict[str, Any]) -> list[str]:
+    files, warnings = figures.get("files") or {}, figures.get("warnings") or []
+    if not files and not warnings:
+        return []
+    lines = ["", "## Predictions and what the method sees", ""]
+    preds = {k: v for k, v in files.items() if k.startswith("predictions")}
+    views = {k: v for k, v in files.items() if k.startswith("method_")}
+    if preds:
+        lines += [f"Validation image 0, its ground truth (grey: ignore) and the predictions of "
+                  f"{', '.join(figures.get('models') or [])}:", ""] + [f"![{k}]({v})" for k, v in preds.items()] + [""]
+    if views:
+        lines += ["What the distilled student's method sees on the same image: feature energy per tap "
+                  "(teacher T, student S) and the method's own maps:", ""] + \
+                 [f"![{k}]({v})" for k, v in views.items()] + [""]
+    for w in warnings:
+        lines += [f"> **Warning:** {w}", ""]
+    while lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def write_report(out: Path, report: dict[str, Any]) -> None:
     plots = _plots(out, report)
     report["plots"] = plots
+    try:
+        report["figures"] = _figures(out, report)
+    except Exception as e:  # noqa: BLE001 - never a crashed pipeline for a figure
+        report["figures"] = {"files": {}, "models": [], "warnings": [f"figures could not be made ({type(e).__name__})"]}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str))
     atomic_write_text(out / "report.md", _markdown(report, plots))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,11 +38,9 @@ PANEL_IN = 1.8  # panel height in inches; width = height × image aspect
 TITLE_IN = 0.34  # room above each panel for a two-line title
 LEGEND_ROW_IN = 0.22
 LEGEND_PER_ROW = 6
-IGNORE_RGB = (128, 128, 128)  # label 255 (ignore) in ground truths
+IGNORE_RGB = (210, 210, 210)  # label 255 (ignore): a grey no built-in palette uses (VOC, digits, CamVid: 128)
 PNG_METADATA: dict[str, Any] = {"Software": None}  # no version tag: files depend on the input alone
 FIGURES_DIR = "figures"
-#: methods with their own panels; every other method (kd, mse) gets the energy panels alone
-METHOD_PANELS = ("attnfd", "acam", "cankd")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -497,11 +495,11 @@ def _method_rows(mr: MethodRun, rgb: Tensor, label: Tensor, lut: np.ndarray, ind
     if mr.method_name == "attnfd":
         gates = attnfd_gates(m, s_feats, t_feats)
         rows.append([p for t, (tg, sg) in gates.items() for p in (
-            _scalar_panel(f"T gate {t}", tg, "viridis", 0.0, 1.0), _scalar_panel(f"S gate {t}", sg, "viridis", 0.0, 1.0))])
+            _scalar_panel(f"T gate {t}", tg, "viridis"), _scalar_panel(f"S gate {t}", sg, "viridis"))])
     elif mr.method_name == "acam":
         chosen = _check_tap(m, tap)
         masks = acam_masks(m, s_feats, t_feats, chosen)
-        panels = [_scalar_panel(f"mask {j} ({chosen})", mk, "viridis", 0.0, 1.0) for j, mk in enumerate(masks)]
+        panels = [_scalar_panel(f"mask {j} ({chosen})", mk, "viridis") for j, mk in enumerate(masks)]
         width = max(6, max(len(r) for r in rows))
         rows += [panels[k:k + width] for k in range(0, len(panels), width)]
     elif mr.method_name == "cankd":
@@ -513,8 +511,9 @@ def _method_rows(mr: MethodRun, rgb: Tensor, label: Tensor, lut: np.ndarray, ind
         for p in energy:
             if p.title.startswith(f"T energy {chosen}\n"):
                 p.marks.append((y, x))
-        rows.append([_scalar_panel(f"affinity of ({y},{x}) {chosen}\nover {nh}x{nw} pooled teacher", aff, "RdBu_r",
-                                   symmetric=True, marks=[((y + 0.5) * nh / h - 0.5, (x + 0.5) * nw / w - 0.5)])])
+        # pooled cell j covers rows 2j, 2j+1 (ceil mode): row y's centre sits at (y + 0.5) / 2 - 0.5
+        rows.append([_scalar_panel(f"affinity ({y},{x}) {chosen}, {nh}x{nw}", aff, "RdBu_r", symmetric=True,
+                                   marks=[((y + 0.5) / 2 - 0.5, (x + 0.5) / 2 - 0.5)])])
     return rows
 
 
