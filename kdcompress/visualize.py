@@ -95,16 +95,10 @@ def _check_images(images: int) -> None:
 def _val_dataset(meta: Mapping[str, Any], source: str, data: str | None, data_root: str | Path | None,
                  split: str) -> Any:
     """The split the checkpoint was trained on (or ``data``), as *unnormalised* RGB in [0, 1]."""
-    from kdcompress.data import build_dataset, val_transform
+    from kdcompress.data import val_transform
+    from kdcompress.engine.evaluation import checkpoint_dataset
 
-    name = data or meta.get("dataset")
-    if not name:
-        raise KdError(f"'{source}' does not say which dataset it was trained on; pass --data.")
-    same = name == meta.get("dataset")
-    root = data_root if data_root is not None else (meta.get("data_root") if same else None)
-    options = dict(meta.get("data_options") or {}) if same else {}
-    ds = build_dataset(name, str(root) if root is not None else None, split, val_transform((0.0, 0.0, 0.0),
-                                                                                       (1.0, 1.0, 1.0)), **options)
+    ds = checkpoint_dataset(dict(meta), source, data, data_root, split, val_transform((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     if ds.info.num_classes != int(meta["num_classes"]):
         raise KdError(f"'{source}' predicts {meta['num_classes']} classes but dataset '{name}' has "
                       f"{ds.info.num_classes}. Use the dataset it was trained on.")
