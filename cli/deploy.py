@@ -80,7 +80,7 @@ def profile(
                 "device": device, "threads": threads}
     opts.update({k: v for k, v in explicit.items() if v is not None})
     opts["input_size"] = tuple(opts.get("input_size", (800, 1088)))
-    rows = profile_many(targets, warmup=warmup, iters=iters, num_classes=num_classes, **opts)
+    rows = profile_many(targets, progress=not json_, warmup=warmup, iters=iters, num_classes=num_classes, **opts)
     if json_:
         print_json(rows)
         return

@@ -17,6 +17,8 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 8,
     max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Evaluate the first N images only.")] = None,
     device: Device = None, json_: Json = False, no_progress: NoProgress = False,
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help="Plain progress line every N batches when "
+                                           "output is not a terminal.")] = 10,
 ) -> None:
     """Evaluate a checkpoint on a dataset split (defaults: the dataset it was trained on)."""
     from kdcompress.engine.evaluation import evaluate_checkpoint
@@ -24,7 +26,7 @@ def evaluate(
     if checkpoint.is_dir() and (checkpoint / "model.pt").is_file():  # a run folder: its model
         checkpoint = checkpoint / "model.pt"
     report = evaluate_checkpoint(checkpoint, data=data, data_root=data_root, split=split, batch_size=batch_size,
-                                 max_images=max_images, device=device or "auto", progress=not (no_progress or json_))
+                                 max_images=max_images, device=device or "auto", progress=not (no_progress or json_), log_every=log_every)
     if json_:
         print_json(report)
         return

@@ -19,6 +19,8 @@ Pretrained = Annotated[Optional[str], typer.Option(
     "--pretrained", help="Backbone weights: imagenet (torchvision file under TORCH_HOME), digits (the built-in "
                          "pretraining, trained once and cached), a torchvision-layout .pth file, or none.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite a finished or different run in --out.")]
+LogEvery = Annotated[Optional[int], typer.Option(
+    "--log-every", min=1, help="Plain progress line every N steps when output is not a terminal (train.log_every).")]
 
 
 def _run(recipe_name: str, role: str, model: str | None, out: Path | None, sets: list[str] | None, explicit: dict,
@@ -44,8 +46,8 @@ def _run(recipe_name: str, role: str, model: str | None, out: Path | None, sets:
 
 
 def _role_sets(role: str, steps: int | None, batch: int | None, lr: float | None, seed: int | None,
-               device: str | None, data: str | None, data_root: Path | None) -> dict:
-    return {f"{role}.train.steps": steps, f"{role}.train.batch_size": batch, f"{role}.train.lr": lr,
+               device: str | None, data: str | None, data_root: Path | None, log_every: int | None = None) -> dict:
+    return {f"{role}.train.log_every": log_every, f"{role}.train.steps": steps, f"{role}.train.batch_size": batch, f"{role}.train.lr": lr,
             f"{role}.train.seed": seed, f"{role}.train.device": device, "data.name": data,
             "data.root": str(data_root) if data_root else None}
 
@@ -59,13 +61,14 @@ def train(
     pretrained: Pretrained = None,
     output_stride: Annotated[Optional[int], typer.Option("--output-stride", help="8 or 16.")] = None,
     set_: Sets = None, resume: Resume = False, force: Force = False, no_progress: NoProgress = False,
+    log_every: LogEvery = None,
 ) -> None:
     """Train a teacher or a plain student (no distillation) on a dataset."""
     if role not in ("teacher", "student"):
         from kdcompress.errors import ConfigError
 
         raise ConfigError(f"--role must be teacher or student, got {role!r}.")
-    explicit = _role_sets(role, steps, batch_size, lr, seed, device, data, data_root)
+    explicit = _role_sets(role, steps, batch_size, lr, seed, device, data, data_root, log_every)
     explicit |= {f"{role}.pretrained": (False if pretrained == "none" else pretrained), f"{role}.output_stride": output_stride,
                  "distill.method": "none" if role == "student" else None}
     _run(recipe, role, model, out, set_, explicit, resume, force, no_progress)
@@ -80,12 +83,13 @@ def distill(
     seed: Seed = None, device: Device = None, data: DataName = None, data_root: DataRoot = None,
     pretrained: Pretrained = None,
     set_: Sets = None, resume: Resume = False, force: Force = False, no_progress: NoProgress = False,
+    log_every: LogEvery = None,
 ) -> None:
     """Distill a trained teacher into a student with an attention-based method (or a baseline)."""
     from kdcompress.engine.checkpoint import load_model_checkpoint
 
     meta = load_model_checkpoint(teacher)["meta"]  # fails early on a non-teacher file
-    explicit = _role_sets("student", steps, batch_size, lr, seed, device, data, data_root)
+    explicit = _role_sets("student", steps, batch_size, lr, seed, device, data, data_root, log_every)
     explicit |= {"student.pretrained": (False if pretrained == "none" else pretrained),
                  "distill.teacher_checkpoint": str(teacher), "distill.method": method, "teacher.model": meta["arch"],
                  "distill.taps": [t.strip() for t in taps.split(",") if t.strip()] if taps else None}

@@ -9,13 +9,13 @@ it and the parity results that were checked before it was written.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import platform
 from importlib import metadata as _im
 from pathlib import Path
 from typing import Any
 
+from kdcompress.engine.checkpoint import sha256_file  # noqa: F401  (re-exported for export modules)
 from kdcompress.errors import ExportError
 
 SIDECAR_FORMAT = "kdcompress.artifact/1"
@@ -26,14 +26,6 @@ def sidecar_path(artifact: str | Path) -> Path:
     artifact = Path(artifact)
     return artifact.with_name(artifact.name + ".json")
 
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hash in chunks so multi-GB teachers do not have to fit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def package_version(name: str) -> str | None:

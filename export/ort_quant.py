@@ -73,6 +73,7 @@ def quantize_int8(
     per_channel: bool = True,
     calibrate_method: str = "minmax",
     activation_type: str = "quint8",
+    reduce_range: bool | None = None,
 ) -> Path:
     """Static QDQ INT8 model of ``fp32_onnx`` for ONNX Runtime (CPU), written atomically to ``out_path``.
 
@@ -81,12 +82,31 @@ def quantize_int8(
     uint8 (asymmetric) / weights int8 per output channel: the U8S8 combination ORT's x86 kernels
     are fast at. Not for TensorRT, which needs symmetric int8 everywhere: see
     :func:`quantize_int8_trt`.
+
+    ``reduce_range`` (7-bit weights) defaults to on where the CPU has no VNNI (AVX2-only x86):
+    there ORT's U8S8 kernels sum pairs of u8×s8 products in int16, which saturates with full
+    8-bit weights (ORT's ``quantize_static`` docs). Measured on a Zen 2 EPYC: argmax agreement
+    0.926 with 8-bit weights against the 0.95 limit on the tiny test model.
     """
     acts = {"quint8": "QUInt8", "qint8": "QInt8"}
     if activation_type not in acts:
         raise KdError(f"Unknown activation type '{activation_type}'. Available: {', '.join(acts)}")
     return _quantize_static(fp32_onnx, out_path, calib_images, per_channel=per_channel,
-                            calibrate_method=calibrate_method, activation_type=acts[activation_type], extra_options=None)
+                            calibrate_method=calibrate_method, activation_type=acts[activation_type], extra_options=None,
+                            reduce_range=(not cpu_has_vnni()) if reduce_range is None else reduce_range)
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI); True on other architectures."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown (not Linux): keep full-range weights
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 #: ``quantize_static`` options that give a TensorRT explicit-quantization graph (names as in
@@ -130,6 +150,7 @@ def _quantize_static(
     activation_type: str,
     extra_options: dict[str, Any] | None,
     check: Any = None,
+    reduce_range: bool = False,
 ) -> Path:
     import onnxruntime  # noqa: F401  (clear error below if missing)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -176,6 +197,7 @@ def _quantize_static(
                         activation_type=getattr(QuantType, activation_type),
                         weight_type=QuantType.QInt8,
                         calibrate_method=methods[calibrate_method],
+                        reduce_range=reduce_range,
                         **kwargs,
                     )
             except Exception as e:

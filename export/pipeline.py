@@ -20,7 +20,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from kdcompress.config import Recipe, role_train, to_yaml
-from kdcompress.engine.checkpoint import atomic_write_text, load_model_checkpoint
+from kdcompress.engine.checkpoint import atomic_write_text, load_model_checkpoint, paired, sha256_file
 from kdcompress.errors import CheckpointError, ConfigError, GateError, KdError, MissingDependencyError
 
 PIPELINE_FILE = "pipeline.json"
@@ -69,10 +69,6 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_sha(path: Path) -> str:
-    from kdcompress.export.metadata import sha256_file
-
-    return sha256_file(path)
 
 
 class Pipeline:
@@ -177,12 +173,12 @@ class Pipeline:
                 raise KdError(f"Stage '{folder}' was interrupted (found {out / STATE_FILE}). Pass --resume to continue "
                               f"it or --force to start the pipeline again.")
         res = train(recipe, role, out, resume=resume, force=not resume, progress=self.progress)
-        return {"checkpoint": str(res.model_path), "sha256": _file_sha(res.model_path), "mIoU": res.metrics.get("mIoU"),
+        return {"checkpoint": str(res.model_path), "sha256": sha256_file(res.model_path), "mIoU": res.metrics.get("mIoU"),
                 "steps": res.step, "train_wall_s": res.wall_s, "log": str(out / "metrics.jsonl")}
 
     def _checkpoint_ok(self, result: dict[str, Any]) -> bool:
         path = Path(result["checkpoint"])
-        return path.is_file() and _file_sha(path) == result["sha256"] and bool(load_model_checkpoint(path))
+        return path.is_file() and sha256_file(path) == result["sha256"] and bool(load_model_checkpoint(path))
 
     def run(self) -> dict[str, Any]:
         from kdcompress.engine.evaluation import evaluate_checkpoint
@@ -194,7 +190,7 @@ class Pipeline:
         # 1. teacher: given checkpoint, or trained here
         if r.distill.teacher_checkpoint:
             path = Path(r.distill.teacher_checkpoint)
-            teacher = self._stage("teacher", {"given": str(path), "sha": _file_sha(path) if path.is_file() else None},
+            teacher = self._stage("teacher", {"given": str(path), "sha": sha256_file(path) if path.is_file() else None},
                                   self._checkpoint_ok, lambda: _given_teacher(path))
         else:
             rt = copy.deepcopy(r)
@@ -242,7 +238,7 @@ class Pipeline:
         for name, exp in exports.items():
             if exp.get("artifact"):
                 targets[f"student {name}"] = exp["artifact"]
-        profile = self._stage("profile", {"targets": {k: _file_sha(Path(v)) for k, v in targets.items()},
+        profile = self._stage("profile", {"targets": {k: sha256_file(Path(v)) for k, v in targets.items()},
                                           "size": size, "iters": self.opts.profile_iters},
                               lambda res: True, lambda: self._profile(targets, size))
 
@@ -331,7 +327,9 @@ class Pipeline:
 
 
 def _finished(model_path: Path, tcfg: Any) -> bool:
-    if not model_path.is_file():
+    from kdcompress.engine.trainer import STATE_FILE
+
+    if not paired(model_path, model_path.parent / STATE_FILE):  # a save cut between state.pt and model.pt
         return False
     meta = load_model_checkpoint(model_path)["meta"]
     return meta.get("total_steps") is not None and meta.get("step") == meta.get("total_steps")
@@ -339,7 +337,7 @@ def _finished(model_path: Path, tcfg: Any) -> bool:
 
 def _given_teacher(path: Path) -> dict[str, Any]:
     meta = load_model_checkpoint(path)["meta"]
-    return {"checkpoint": str(path), "sha256": _file_sha(path), "mIoU": (meta.get("metrics") or {}).get("mIoU"),
+    return {"checkpoint": str(path), "sha256": sha256_file(path), "mIoU": (meta.get("metrics") or {}).get("mIoU"),
             "steps": meta.get("step"), "given": True}
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcompress.engine.checkpoint import sha256_file
 from kdcompress.errors import CheckpointError, ConfigError, KdError
 
 PRETRAIN_VERSION = 1
@@ -184,12 +185,6 @@ def pretrain_path(backbone: str, data_seed: int, cfg: PretrainConfig) -> Path:
     return cache_dir() / "pretrain" / f"{backbone}-{_key(backbone, data_seed, cfg)}.pth"
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_pretrain_record(path: Path) -> dict[str, Any] | None:
@@ -206,7 +201,7 @@ def _cache_ok(path: Path, backbone: str) -> str | None:
     rec = read_pretrain_record(path)
     if not path.is_file() or rec is None:
         return "missing"
-    if rec.get("sha256") != _file_sha(path):
+    if rec.get("sha256") != sha256_file(path):
         return "corrupt (SHA-256 differs from its record)"
     if rec.get("backbone") != backbone:
         return f"made for backbone '{rec.get('backbone')}'"
@@ -275,7 +270,7 @@ def _pretrain(backbone: str, data_seed: int, cfg: PretrainConfig, path: Path, lo
     wall = time.perf_counter() - t0
     atomic_write_text(path.with_suffix(".json"), json.dumps({
         "backbone": backbone, "data_seed": data_seed, "config": asdict(cfg), "version": PRETRAIN_VERSION,
-        "held_out_accuracy": acc, "classes": NUM_CLASSES, "wall_s": wall, "sha256": _file_sha(path),
+        "held_out_accuracy": acc, "classes": NUM_CLASSES, "wall_s": wall, "sha256": sha256_file(path),
         "layout": type(net).__name__}, indent=2))
     log(f"pretrain {backbone}: held-out accuracy {100 * acc:.1f} % in {wall:.0f} s -> {path}")
     return path

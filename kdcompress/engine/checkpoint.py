@@ -11,6 +11,7 @@ Two kinds of file:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -67,6 +68,28 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hash in chunks so multi-GB teachers do not have to fit in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def paired(model_path: str | Path, state_path: str | Path) -> bool:
+    """True when ``model_path`` was written right after ``state_path`` by the same save.
+
+    The trainer writes ``state.pt`` first, then ``model.pt`` naming the state's SHA-256: a crash
+    between the two leaves an older ``model.pt`` that no longer pairs, never a model without state.
+    """
+    model_path, state_path = Path(model_path), Path(state_path)
+    if not (model_path.is_file() and state_path.is_file()):
+        return False
+    want = load_model_checkpoint(model_path)["meta"].get("state_sha256")
+    return want is not None and want == sha256_file(state_path)
 
 
 def safe_load(path: str | Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from kdcompress.data import seg_collate
 from kdcompress.engine.distributed import is_main
 from kdcompress.metrics.segmentation import ConfusionMatrix, SegMetrics
+from kdcompress.progress import LoopProgress
 
 
 def _shard(dataset: Dataset, max_images: int | None) -> Dataset:
@@ -25,15 +26,12 @@ def _shard(dataset: Dataset, max_images: int | None) -> Dataset:
 def evaluate_predictor(predict: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, num_classes: int,
                        ignore_index: int = 255, batch_size: int = 8, device: torch.device | str = "cpu",
                        max_images: int | None = None, workers: int = 0, progress: bool = True,
-                       description: str = "evaluate") -> SegMetrics:
+                       description: str = "evaluate", log_every: int = 10) -> SegMetrics:
     """Run ``predict(images) -> logits`` over the split and return metrics of the whole split."""
-    from rich.progress import Progress
-
     loader = DataLoader(_shard(dataset, max_images), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=seg_collate)
     cm = ConfusionMatrix(num_classes, ignore_index, device=device)
-    with Progress(transient=True, disable=not (progress and is_main())) as bar:
-        task = bar.add_task(description, total=len(loader))
+    with LoopProgress(description, len(loader), enabled=progress and is_main(), every=log_every) as bar:
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits = predict(images)
@@ -43,14 +41,14 @@ def evaluate_predictor(predict: Callable[[torch.Tensor], torch.Tensor], dataset:
                 raise KdError(f"Model predicts {logits.shape[1]} classes but the dataset has {num_classes}. "
                               f"Use a checkpoint trained on this dataset.")
             cm.update(logits, labels)
-            bar.advance(task)
+            bar.advance()
     cm.all_reduce()
     return cm.compute()
 
 
 def evaluate_model(model: torch.nn.Module, dataset: Dataset, num_classes: int, ignore_index: int = 255,
                    batch_size: int = 8, device: torch.device | str = "cpu", max_images: int | None = None,
-                   workers: int = 0, progress: bool = True, amp: bool = False) -> SegMetrics:
+                   workers: int = 0, progress: bool = True, amp: bool = False, log_every: int = 10) -> SegMetrics:
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -61,6 +59,6 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, num_classes: int, i
 
     try:
         return evaluate_predictor(predict, dataset, num_classes, ignore_index, batch_size, device,
-                                  max_images, workers, progress)
+                                  max_images, workers, progress, log_every=log_every)
     finally:
         model.train(was_training)

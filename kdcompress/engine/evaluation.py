@@ -27,7 +27,7 @@ def checkpoint_dataset(meta: dict[str, Any], source: str, data: str | None, data
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_root: str | Path | None = None,
                         split: str = "val", batch_size: int = 8, max_images: int | None = None,
-                        device: str = "auto", progress: bool = True) -> dict[str, Any]:
+                        device: str = "auto", progress: bool = True, log_every: int = 10) -> dict[str, Any]:
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
@@ -39,7 +39,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_ro
         raise KdError(f"'{checkpoint}' predicts {meta['num_classes']} classes but dataset '{name}' has "
                       f"{ds.info.num_classes}. Evaluate it on the dataset it was trained on.")
     res = evaluate_model(model, ds, ds.info.num_classes, ds.info.ignore_index, batch_size, dev, max_images,
-                         progress=progress)
+                         progress=progress, log_every=log_every)
     n = len(ds) if max_images is None else min(len(ds), max_images)
     return {"checkpoint": str(checkpoint), "arch": meta["arch"], "dataset": name, "split": split, "images": n,
             **res.as_dict(ds.info.class_names), "wall_s": time.perf_counter() - t0}

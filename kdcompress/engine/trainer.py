@@ -38,12 +38,14 @@ from kdcompress.engine.checkpoint import (
     load_state,
     save_model_checkpoint,
     save_state,
+    sha256_file,
     atomic_write_text,
 )
 from kdcompress.engine.evaluate import evaluate_model
 from kdcompress.errors import ConfigError, KdError, NonFiniteLossError
 from kdcompress.models import build_model, resolve_model_name
 from kdcompress.taps import record, tap_shapes
+from kdcompress.progress import PlainProgress, is_tty
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
@@ -344,29 +346,6 @@ def worker_message(text: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
-def _is_tty() -> bool:
-    import sys
-
-    return sys.stdout.isatty()
-
-
-class PlainProgress:
-    """Progress for logs (CI, ``> file``): one plain line every ``every`` steps, never a bar that
-    only draws at the end. Lines name step/total, every loss term, images/s and the ETA."""
-
-    def __init__(self, label: str, total: int, every: int, start: int = 0) -> None:
-        self.label, self.total, self.every = label, total, max(1, every)
-        self.t0, self.start = time.perf_counter(), start
-
-    def update(self, step: int, text: str) -> None:
-        if step % self.every and step != self.total:
-            return
-        done = step - self.start
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / done * (self.total - step) if done else float("nan")
-        print(f"{self.label}: step {step}/{self.total} {text} | {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
-
-
 class TrainingInterrupted(KdError):
     """Ctrl-C: say where training stopped and how to continue (exit code 130, as shells expect)."""
 
@@ -504,14 +483,15 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
                         generator=torch.Generator().manual_seed(tcfg.seed))  # keeps the global RNG untouched
 
     def save(metrics: dict[str, Any]) -> Path:
-        m = save_model_checkpoint(out_dir / MODEL_FILE, task.student,
-                                  meta | {"step": step, "total_steps": total, "metrics": metrics})
-        save_state(out_dir / STATE_FILE, {
+        # State first, then the model naming the state's hash (``paired``): a crash in between leaves
+        # an older model.pt beside a newer state.pt (resume continues from the state), never a model alone.
+        s = save_state(out_dir / STATE_FILE, {
             "arch": arch, "method": method_name, "step": step, "task": task.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": _rng_state(), "resume_key": resume_key,
         })
-        return m
+        return save_model_checkpoint(out_dir / MODEL_FILE, task.student, meta | {
+            "step": step, "total_steps": total, "metrics": metrics, "state_sha256": sha256_file(s)})
 
     def validate() -> dict[str, Any]:
         dist_utils.broadcast_buffers(task.student)
@@ -539,7 +519,7 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
     task.train()
     window_t, window_imgs = time.perf_counter(), 0
     show = progress and dist_utils.is_main()
-    plain = PlainProgress(f"{role} {arch}", total, tcfg.log_every, start=step) if show and not _is_tty() else None
+    plain = PlainProgress(f"{role} {arch}", total, tcfg.log_every, start=step) if show and not is_tty() else None
     terms_text = ""
     with Progress(*columns, disable=not show or plain is not None) as bar:
         ptask = bar.add_task("train", total=total, completed=step, terms="")

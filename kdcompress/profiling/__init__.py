@@ -258,9 +258,17 @@ def profile_target(
     return row
 
 
-def profile_many(targets: Iterable[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
+def profile_many(targets: Iterable[str | Path], progress: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
     """``profile_target`` for each target with the same settings (one table, comparable rows)."""
-    return [profile_target(t, **kwargs) for t in targets]
+    from kdcompress.progress import LoopProgress
+
+    targets, rows = list(targets), []
+    with LoopProgress("profile", len(targets), enabled=progress, every=1, unit="target", transient=True) as bar:
+        for t in targets:
+            rows.append(profile_target(t, **kwargs))
+            lat = (rows[-1].get("latency_ms") or {}).get("median_ms")
+            bar.advance(text=f"{Path(str(t)).name}" + (f" {lat:.2f} ms" if lat is not None else ""))
+    return rows
 
 
 def _fmt(v: Any, spec: str) -> str:
