@@ -214,9 +214,10 @@ class MethodConformance:
     def test_zero_loss_where_formula_implies_it(self) -> None:
         method, s, t, names = self.zero_case()
         terms = method(s, t)
+        assert names, "zero_case must name at least one term"
         for name in names:
             value = float(terms[name].detach())
-        assert abs(value) < 1e-6, (name, value)
+            assert abs(value) < 1e-6, (name, value)
 
     def test_unknown_hparam_lists_valid_names(self) -> None:
         with pytest.raises(ConfigError) as err:
