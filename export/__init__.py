@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from kdcompress.errors import CheckpointError, ExportError, KdError
+from kdcompress.errors import CheckpointError, ExportError
 from kdcompress.export.metadata import read_sidecar, sha256_file, sidecar_path, write_sidecar
 from kdcompress.export.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from kdcompress.export.ort_quant import calibration_images, quantize_int8

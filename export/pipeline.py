@@ -21,7 +21,7 @@ from rich.console import Console
 
 from kdcompress.config import Recipe, role_train, to_yaml
 from kdcompress.engine.checkpoint import atomic_write_text, load_model_checkpoint, paired, sha256_file
-from kdcompress.errors import CheckpointError, ConfigError, GateError, KdError, MissingDependencyError
+from kdcompress.errors import ConfigError, GateError, KdError, MissingDependencyError
 
 PIPELINE_FILE = "pipeline.json"
 GATE_KEYS = ("min_miou", "max_export_drop", "min_fps", "max_latency_ms", "gate_artifact")

@@ -44,9 +44,9 @@ def _plots(out: Path, report: dict[str, Any]) -> dict[str, str]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
     for label, key in (("teacher", "teacher"), ("student (plain)", "baseline"), ("student (distilled)", "student")):
         rec = report.get(key) or {}
-        s, l, vs, m = _curve(rec.get("log"))
+        s, loss, vs, m = _curve(rec.get("log"))
         if s:
-            a1.plot(s, l, label=label)
+            a1.plot(s, loss, label=label)
         if vs:
             a2.plot(vs, m, marker="o", label=label)
     a1.set(xlabel="step", ylabel="task loss (CE)", title="training loss")

@@ -8,7 +8,7 @@ agreement per pixel and the mIoU over the validation split, which is what a user
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 

@@ -99,6 +99,7 @@ def _val_dataset(meta: Mapping[str, Any], source: str, data: str | None, data_ro
     from kdcompress.engine.evaluation import checkpoint_dataset
 
     ds = checkpoint_dataset(dict(meta), source, data, data_root, split, val_transform((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    name = data or meta.get("dataset")
     if ds.info.num_classes != int(meta["num_classes"]):
         raise KdError(f"'{source}' predicts {meta['num_classes']} classes but dataset '{name}' has "
                       f"{ds.info.num_classes}. Use the dataset it was trained on.")

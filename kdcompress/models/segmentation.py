@@ -7,6 +7,8 @@ the mmseg / CIRKD DeepLabV3 and PSPNet used by ACAM-KD and CanKD at OS8); see
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,7 +151,7 @@ class SegModel(nn.Module):
     """
 
     def __init__(self, arch: str, head_kind: str, backbone: str, num_classes: int, output_stride: int,
-                 pretrained: "bool | str | Path" = False) -> None:
+                 pretrained: bool | str | Path = False) -> None:
         super().__init__()
         if output_stride not in (8, 16):
             raise KdError(f"output_stride must be 8 or 16, got {output_stride}.")
