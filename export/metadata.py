@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
-from importlib import metadata as _im
 from pathlib import Path
 from typing import Any
 
 from kdcompress.engine.checkpoint import sha256_file  # noqa: F401  (re-exported for export modules)
 from kdcompress.errors import ExportError
+from kdcompress.versions import package_version
 
 SIDECAR_FORMAT = "kdcompress.artifact/1"
 
@@ -28,14 +28,6 @@ def sidecar_path(artifact: str | Path) -> Path:
 
 
 
-def package_version(name: str) -> str | None:
-    """Installed version without importing the package (importing TensorRT takes seconds)."""
-    for dist in (name, name.replace("-", "_")):
-        try:
-            return _im.version(dist)
-        except _im.PackageNotFoundError:
-            continue
-    return None
 
 
 def versions() -> dict[str, str | None]:

@@ -11,6 +11,18 @@ import re
 _TRT_DIST = re.compile(r"^tensorrt(-cu\d+)?(-bindings|-libs)?$")
 
 
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution without importing it (importing TensorRT takes seconds)."""
+    from importlib import metadata as im
+
+    for dist in dict.fromkeys((name, name.replace("-", "_"))):
+        try:
+            return im.version(dist)
+        except im.PackageNotFoundError:
+            continue
+    return None
+
+
 def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 

@@ -215,14 +215,7 @@ def environment(device: str = "cpu", threads: int | None = None) -> dict[str, An
 
     from kdcompress import __version__
 
-    def ver(name: str) -> str | None:
-        from importlib import metadata
-
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
+    from kdcompress.versions import package_version as ver
     from kdcompress.versions import trt_version_installed
 
     env: dict[str, Any] = {
