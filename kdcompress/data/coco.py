@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from kdcompress.engine.checkpoint import atomic_write_text
 from kdcompress.errors import DataError
 
 
@@ -19,16 +18,7 @@ def write_coco_json(path: str | Path, images: Sequence[dict[str, Any]], annotati
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"images": list(images), "annotations": list(annotations), "categories": list(categories)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(doc, separators=(",", ":")))
     return path
 
 
