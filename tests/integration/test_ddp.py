@@ -14,6 +14,8 @@ from kdcompress.engine.checkpoint import load_model_checkpoint
 from kdcompress.engine.evaluation import evaluate_checkpoint
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_torchrun_two_processes_gloo(tiny_recipe: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_wheel_contains_and_imports_cli(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "w"), str(ROOT)],
                    check=True, capture_output=True, timeout=300)
