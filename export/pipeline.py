@@ -48,12 +48,11 @@ class PipelineOptions:
 
     @staticmethod
     def from_recipe(recipe: Recipe) -> "PipelineOptions":
-        valid = set(PipelineOptions.__dataclass_fields__)
-        unknown = sorted(set(recipe.pipeline) - valid)
-        if unknown:
-            raise ConfigError(f"Unknown key(s) {', '.join('pipeline.' + k for k in unknown)} in recipe. "
-                              f"Valid keys of pipeline: {', '.join(sorted(valid))}")
+        from kdcompress.config import check_fields, check_unknown
+
+        check_unknown(recipe.pipeline, PipelineOptions.__dataclass_fields__, "pipeline")
         opts = PipelineOptions(**recipe.pipeline)
+        check_fields(opts, "pipeline")
         opts.export = tuple(opts.export)
         bad = [t for t in opts.export if t not in ("onnx", "ort-int8")]
         if bad:

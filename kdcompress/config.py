@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -87,22 +89,102 @@ class Recipe:
     pipeline: dict[str, Any] = field(default_factory=dict)  # stage options for `kdcompress pipeline`
 
 
+def check_unknown(given: Any, valid: Any, where: str, source: str = "recipe") -> None:
+    """The one unknown-key check: names every unknown key and lists the valid ones."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        keys = ", ".join(repr(f"{where}.{k}".lstrip(".")) for k in unknown)
+        raise ConfigError(f"Unknown key{'s' if len(unknown) > 1 else ''} {keys} in {source}. "
+                          f"Valid keys{' of ' + where if where else ''}: {', '.join(sorted(valid))}")
+
+
+# Ranges of numeric keys (type checks come from the dataclass annotations): (test, what it means).
+_POS = (lambda v: v > 0, "a positive number")
+_NONNEG = (lambda v: v >= 0, "a number >= 0")
+_ONE_UP = (lambda v: v >= 1, "a whole number >= 1")
+RANGES: dict[str, tuple[Any, str]] = {
+    "lr": _POS, "power": _POS, "grad_clip": _POS, "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": _NONNEG, "warmup_steps": _NONNEG, "val_every": _NONNEG, "ckpt_every": _NONNEG,
+    "workers": _NONNEG, "steps": _ONE_UP, "epochs": _ONE_UP, "batch_size": _ONE_UP, "log_every": _ONE_UP,
+    "val_batch_size": _ONE_UP, "max_val_images": _ONE_UP, "output_stride": (lambda v: v in (8, 16), "8 or 16"),
+    "verify_images": _ONE_UP, "calib_images": _ONE_UP, "max_eval_images": _ONE_UP, "profile_iters": _ONE_UP,
+    "profile_threads": _ONE_UP, "min_miou": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "max_export_drop": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"), "min_fps": _POS, "max_latency_ms": _POS,
+}
+PAIRS = {"crop_size": (True, "[H, W] with two whole numbers >= 1"), "profile_size": (True, "[H, W] with two whole numbers >= 1"),
+         "scale_range": (False, "[min, max] with 0 < min <= max")}
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+             list: "a list", dict: "a mapping", tuple: "a list"}
+    return names.get(typing.get_origin(hint) or hint, str(hint))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        inner = typing.get_args(hint)[:1]
+        return isinstance(value, (list, tuple)) and all(_matches(v, inner[0]) for v in value) if inner else \
+            isinstance(value, (list, tuple))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_fields(obj: Any, where: str) -> None:
+    """Type and range of every field of a config dataclass: one line naming key, value and expectation."""
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{where}.{f.name}".lstrip(".")
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            continue
+        rng = RANGES.get(f.name)
+        if not _matches(value, hint):
+            nullable = type(None) in typing.get_args(hint)
+            want = f"{rng[1]}{' or null' if nullable else ''}" if rng is not None else _describe(hint)
+            raise ConfigError(f"{key} must be {want}, got {value!r}.")
+        if value is None:
+            continue
+        if f.name in PAIRS:
+            whole, what = PAIRS[f.name]
+            ok = len(value) == 2 and (all(v >= 1 for v in value) if whole else 0 < value[0] <= value[1])
+            if not ok:
+                raise ConfigError(f"{key} must be {what}, got {value!r}.")
+        if rng is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and not rng[0](value):
+            raise ConfigError(f"{key} must be {rng[1]}, got {value!r}.")
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"'{where or 'recipe'}' must be a mapping, got {type(data).__name__}.")
     hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(f'{where}.{k}'.lstrip('.')) for k in unknown)} "
-            f"in recipe. Valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}"
-        )
+    check_unknown(data, [f.name for f in fields(cls)], where)
     kwargs = {}
     for k, v in data.items():
         t = hints[k]
         kwargs[k] = _build(t, v, f"{where}.{k}".lstrip(".")) if dataclasses.is_dataclass(t) else v
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_fields(obj, where)
+    return obj
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
@@ -180,15 +262,13 @@ def load_target(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(f"Unknown target '{name_or_path}'. Built-in targets: {', '.join(list_presets('targets'))}, "
                               f"or pass a path to a .yaml file.")
     data = load_yaml(p)
+    check_unknown(data, TARGET_KEYS, "", f"target '{p}'")
     for section, keys in data.items():
-        if section not in TARGET_KEYS:
-            raise ConfigError(f"Unknown key '{section}' in target '{p}'. Valid keys: {', '.join(TARGET_KEYS)}")
         allowed = TARGET_KEYS[section]
         if allowed is not None:
-            bad = sorted(set(keys or {}) - allowed)
-            if bad:
-                raise ConfigError(f"Unknown key(s) {', '.join(f'{section}.{b}' for b in bad)} in target '{p}'. "
-                                  f"Valid: {', '.join(sorted(allowed))}")
+            if not isinstance(keys or {}, dict):
+                raise ConfigError(f"{section} in target '{p}' must be a mapping, got {keys!r}.")
+            check_unknown(keys or {}, allowed, section, f"target '{p}'")
     return {"name": data.get("name", p.stem), "export": data.get("export") or {}, "profile": data.get("profile") or {},
             "tolerances": data.get("tolerances") or {}}
 
@@ -241,11 +321,10 @@ def role_train(recipe: Recipe, role: str) -> TrainConfig:
     """The recipe's ``train`` section with the role's overrides applied (checked)."""
     base = asdict(recipe.train)
     mc: ModelConfig = getattr(recipe, role)
-    unknown = sorted(set(mc.train) - set(base))
-    if unknown:
-        raise ConfigError(f"Unknown key(s) {', '.join(unknown)} in {role}.train. Valid keys: {', '.join(sorted(base))}")
+    check_unknown(mc.train, base, f"{role}.train")
     base.update(mc.train)
     t = TrainConfig(**base)
+    check_fields(TrainConfig(**{**asdict(TrainConfig()), **mc.train}), f"{role}.train")  # names the role's key
     validate_train(t)
     return t
 
