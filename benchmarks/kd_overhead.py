@@ -21,7 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ["none", "attnfd", "acam", "cankd", "kd", "mse"]
+
+
+def all_methods() -> list[str]:
+    """Every registered method, ``none`` first (the baseline every ratio divides by)."""
+    from kdcompress.methods import METHODS
+
+    return ["none"] + [m for m in METHODS.names() if m != "none"]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -131,7 +137,7 @@ def main() -> None:
         size, batch, steps, warmup, amp = (96, 96), 16, args.steps or 10, 2, True
     rows = []
     for teacher, student in configs:
-        for method in METHODS:
+        for method in all_methods():
             cmd = [sys.executable, __file__, "--child", method, teacher, student, str(size[0]), str(size[1]),
                    str(batch), args.device, str(steps), str(warmup), "1" if amp else "0"]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

@@ -29,6 +29,7 @@ app.command("profile")(deploy_cmd.profile)
 app.command("pipeline")(pipeline_cmd.pipeline)
 app.command("models")(zoo_cmd.models)
 app.command("taps")(zoo_cmd.taps)
+app.command("list")(zoo_cmd.list_)
 app.add_typer(visualize_cmd.app, name="visualize")
 
 

@@ -21,7 +21,7 @@ Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a rec
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
-DataName = Annotated[Optional[str], typer.Option("--data", help="Dataset: digits, voc, cityscapes, camvid.")]
+DataName = Annotated[Optional[str], typer.Option("--data", help="Dataset name (`kdcompress list datasets`).")]
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="Dataset folder on disk.")]
 
 

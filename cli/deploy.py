@@ -12,7 +12,7 @@ from kdcompress.cli.common import DataRoot, Json, NoProgress, console, parse_siz
 
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Model checkpoint (model.pt).")],
-    to: Annotated[Optional[str], typer.Option("--to", help="onnx, ort-int8 or tensorrt (default onnx).")] = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="Export target (`kdcompress list export-targets`; default onnx).")] = None,
     target: Annotated[Optional[str], typer.Option("--target", help="Deployment preset (profiles/targets): cpu-ort-int8, jetson-orin-fp16, ...")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact path (default beside the checkpoint).")] = None,
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="HxW (default: the training crop).")] = None,
@@ -62,7 +62,7 @@ def profile(
     target: Annotated[Optional[str], typer.Option("--target", help="Deployment preset supplying backend/device/size.")] = None,
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="HxW (default 800x1088, ACAM-KD Table 7).")] = None,
     batch: Annotated[Optional[int], typer.Option("--batch", "-b", help="Batch size (default 1).")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="torch, ort or tensorrt (default per target).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Runtime (`kdcompress list runtimes`; default per target).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default cpu).")] = None,
     warmup: Annotated[int, typer.Option("--warmup")] = 5,
     iters: Annotated[int, typer.Option("--iters")] = 50,

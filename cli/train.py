@@ -55,7 +55,7 @@ def _role_sets(role: str, steps: int | None, batch: int | None, lr: float | None
 def train(
     recipe: Recipe = "digits",
     role: Annotated[str, typer.Option("--role", help="teacher or student: which model of the recipe to train.")] = "teacher",
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or backbone shorthand (r18, mbv2).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name (`kdcompress list models`) or backbone shorthand such as r18.")] = None,
     out: Out = None, steps: Steps = None, batch_size: Batch = None, lr: Lr = None, seed: Seed = None,
     device: Device = None, data: DataName = None, data_root: DataRoot = None,
     pretrained: Pretrained = None,
@@ -76,8 +76,8 @@ def train(
 
 def distill(
     teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint from `kdcompress train`.")],
-    student: Annotated[Optional[str], typer.Option("--student", "-s", help="Student model or shorthand (mbv2, r18).")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="attnfd, acam, cankd, kd, mse or none.")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", "-s", help="Student model (`kdcompress list models`) or backbone shorthand such as mbv2.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Distillation method (`kdcompress list methods`).")] = None,
     taps: Annotated[Optional[str], typer.Option("--taps", help="Comma-separated taps to distill (default per method).")] = None,
     recipe: Recipe = "digits", out: Out = None, steps: Steps = None, batch_size: Batch = None, lr: Lr = None,
     seed: Seed = None, device: Device = None, data: DataName = None, data_root: DataRoot = None,

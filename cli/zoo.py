@@ -54,3 +54,37 @@ def taps(
     for r in rows:
         table.add_row(r["tap"], str(tuple(r["shape"])), str(r["stride"]), r["module"] + (f"  ({r['note']})" if r["note"] else ""))
     console.print(table)
+
+
+def registry_lists() -> dict[str, list[str]]:
+    """Every plug-in list, read from its registry (the one place each is defined)."""
+    import kdcompress.export  # noqa: F401  registers the TensorRT runtime
+    from kdcompress.config import list_presets
+    from kdcompress.data import DATASETS
+    from kdcompress.export import TARGETS as EXPORT_TARGETS
+    from kdcompress.methods import METHODS
+    from kdcompress.models import MODELS
+    from kdcompress.profiling import ALLOWED_RUNTIMES, BACKEND_FACTORIES
+
+    return {"methods": METHODS.names(), "models": MODELS.names(), "datasets": DATASETS.names(),
+            "export-targets": list(EXPORT_TARGETS), "runtimes": sorted({b for v in ALLOWED_RUNTIMES.values() for b in v} | set(BACKEND_FACTORIES)),
+            "recipes": list_presets("recipes"), "targets": list_presets("targets")}
+
+
+def list_(
+    kind: Annotated[str, typer.Argument(help="methods, models, datasets, export-targets, runtimes, recipes, targets "
+                                             "or all.")] = "all",
+    json_: Json = False,
+) -> None:
+    """What can be named on the command line, read from the registries."""
+    from kdcompress.errors import ConfigError
+
+    lists = registry_lists()
+    if kind != "all" and kind not in lists:
+        raise ConfigError(f"Unknown list '{kind}'. Choose one of: {', '.join(lists)} or all.")
+    chosen = lists if kind == "all" else {kind: lists[kind]}
+    if json_:
+        print_json(chosen)
+        return
+    for name, items in chosen.items():
+        console.print(f"[bold]{name}[/]: {', '.join(items)}", highlight=False)

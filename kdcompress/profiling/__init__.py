@@ -22,7 +22,7 @@ __all__ = ["profile_target", "profile_many", "render_table", "register_backend",
 TARGET_SUFFIXES = {".pt": "checkpoint", ".pth": "checkpoint", ".onnx": "onnx",
                    ".engine": "engine", ".plan": "engine", ".trt": "engine"}
 _DEFAULT_BACKEND = {"model": "torch", "checkpoint": "torch", "onnx": "ort", "engine": "tensorrt"}
-_ALLOWED = {"model": ("torch",), "checkpoint": ("torch",), "onnx": ("ort",), "engine": ("tensorrt",)}
+ALLOWED_RUNTIMES = {"model": ("torch",), "checkpoint": ("torch",), "onnx": ("ort",), "engine": ("tensorrt",)}
 
 #: backend name -> factory(path, device, threads) returning an object with ``infer(np_batch)``
 #: (and optionally ``infer_torch(cuda_tensor)`` and ``device_memory_bytes()``).
@@ -97,7 +97,7 @@ def profile_target(
     backend = backend or _DEFAULT_BACKEND[kind]
     if backend not in ("torch", "ort", "tensorrt"):
         raise KdError(f"Unknown backend '{backend}'. Available: torch, ort, tensorrt")
-    if backend not in _ALLOWED[kind]:
+    if backend not in ALLOWED_RUNTIMES[kind]:
         hint = {"model": "export it first (kdcompress export --to onnx) and profile the .onnx",
                 "checkpoint": "export it first (kdcompress export --to onnx/tensorrt) and profile the artifact",
                 "onnx": "use --backend ort (or build an engine with kdcompress export --to tensorrt)",

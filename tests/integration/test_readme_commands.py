@@ -14,7 +14,7 @@ from kdcompress.cli.app import app
 from tests.integration.cli_helpers import run_cli
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-RUN_AS_WRITTEN = {"models", "taps"}  # seconds on a CPU; the others train, export or profile at paper sizes
+RUN_AS_WRITTEN = {"models", "taps", "list"}  # seconds on a CPU; the others train, export or profile at paper sizes
 
 
 def readme_commands() -> list[list[str]]:
