@@ -25,7 +25,7 @@ def pipeline(
 ) -> None:
     """Train teacher (unless given) -> plain + distilled student -> evaluate -> export -> profile -> gates."""
     from kdcompress.config import load_recipe
-    from kdcompress.export.pipeline import run_pipeline
+    from kdcompress.pipeline import run_pipeline
 
     cfg = load_recipe(recipe, overrides(set_, **{
         "distill.teacher_checkpoint": str(teacher) if teacher else None, "pipeline.min_miou": min_miou,

@@ -19,12 +19,13 @@ def test_wheel_contains_and_imports_cli(tmp_path: Path) -> None:
                    check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "w").glob("kdcompress-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"kdcompress/cli/app.py", "kdcompress/export/__init__.py", "kdcompress/profiles/recipes/digits.yaml"} <= names
-    assert not any(n.startswith(("cli/", "export/", "tests/")) for n in names), "generic top-level packages leaked"
+    assert {"kdcompress/cli/app.py", "kdcompress/export/__init__.py", "kdcompress/pipeline/__init__.py",
+            "kdcompress/profiles/recipes/digits.yaml"} <= names
+    assert not any(n.startswith(("cli/", "export/", "pipeline/", "tests/")) for n in names), "generic top-level packages leaked"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    code = ("import kdcompress, kdcompress.cli.app, kdcompress.export; "
+    code = ("import kdcompress, kdcompress.cli.app, kdcompress.export, kdcompress.pipeline; "
             "from kdcompress.config import list_presets; print(kdcompress.__file__); print(list_presets('recipes'))")
     out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)

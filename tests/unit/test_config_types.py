@@ -46,7 +46,7 @@ def test_role_override_names_the_role_key() -> None:
 
 
 def test_pipeline_section_is_typed() -> None:
-    from kdcompress.export.pipeline import PipelineOptions
+    from kdcompress.pipeline import PipelineOptions
 
     with pytest.raises(ConfigError, match=r"pipeline\.verify_images must be a whole number >= 1, got 'all'"):
         PipelineOptions.from_recipe(load_recipe("digits", {"pipeline.verify_images": "all"}))

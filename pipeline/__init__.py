@@ -248,7 +248,7 @@ class Pipeline:
                   "teacher": teacher, "baseline": baseline, "student": student, "evaluation": evaluation,
                   "exports": exports, "profile": profile, "wall_s": time.perf_counter() - t0}
         report["gates"] = self._gates(report)
-        from kdcompress.export.report import write_report
+        from kdcompress.pipeline.report import write_report
 
         write_report(self.out, report)
         failed = [g for g in report["gates"] if not g["passed"]]
