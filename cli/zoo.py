@@ -64,10 +64,10 @@ def registry_lists() -> dict[str, list[str]]:
     from kdcompress.export import TARGETS as EXPORT_TARGETS
     from kdcompress.methods import METHODS
     from kdcompress.models import MODELS
-    from kdcompress.profiling import ALLOWED_RUNTIMES, BACKEND_FACTORIES
+    from kdcompress.runtime import RUNNERS
 
     return {"methods": METHODS.names(), "models": MODELS.names(), "datasets": DATASETS.names(),
-            "export-targets": list(EXPORT_TARGETS), "runtimes": sorted({b for v in ALLOWED_RUNTIMES.values() for b in v} | set(BACKEND_FACTORIES)),
+            "export-targets": list(EXPORT_TARGETS), "runtimes": ["torch", *RUNNERS.names()],
             "recipes": list_presets("recipes"), "targets": list_presets("targets")}
 
 

@@ -414,11 +414,12 @@ def _compare_speed_cuda(model: Any, runner: TrtRunner, size: tuple[int, int], it
             "speedup": a["median_ms"] / b["median_ms"], "iters": iters, "batch": 1, "device": "cuda"}
 
 
-def _register_profiling_backends() -> None:
-    """Let ``kdcompress.profiling.profile_target`` run engines (the core never imports export)."""
-    from kdcompress.profiling import register_backend
+def _register_tensorrt_runtime() -> None:
+    """The ``tensorrt`` runtime of the core's registry (profiling, pipeline); the core never imports export."""
+    from kdcompress.runtime import RUNNERS
 
-    register_backend("tensorrt", lambda path, device="cuda", threads=None: TrtRunner(path, device))
+    if "tensorrt" not in RUNNERS:
+        RUNNERS.add("tensorrt", lambda path, device="cuda", threads=None: TrtRunner(path, device))
 
 
-_register_profiling_backends()
+_register_tensorrt_runtime()

@@ -1,105 +1,18 @@
-"""One inference interface over PyTorch, ONNX Runtime and TensorRT (Polygraphy-style runners).
+"""The TensorRT runner (the core's runner interface, kdcompress.runtime, holds PyTorch and ONNX Runtime).
 
-Every runner takes an NCHW float32 batch (numpy or torch) of *normalised* images and returns
-the logits as a float32 numpy array, so verification and benchmarks can compare any two.
+It lives in export because loading an engine goes through the compatibility checks of
+:mod:`kdcompress.export.tensorrt`; ``kdcompress.export`` registers it as the ``tensorrt`` runtime.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from kdcompress.errors import ExportError, KdError, MissingDependencyError
-from kdcompress.profiling.latency import create_ort_session
-
-
-def _as_batch(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise KdError(f"runners take an N x 3 x H x W image batch, got shape {tuple(x.shape)}.")
-    return x
-
-
-class Runner(ABC):
-    """``infer(batch) -> logits``; usable as a context manager that calls ``close``."""
-
-    name: str = "runner"
-
-    @abstractmethod
-    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Logits (N x K x H x W float32 numpy) for a normalised N x 3 x H x W batch."""
-
-    def close(self) -> None:
-        """Release sessions / GPU memory; idempotent."""
-
-    def __enter__(self) -> "Runner":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name}>"
-
-
-class TorchRunner(Runner):
-    """The eager PyTorch model: the reference every artifact is compared with."""
-
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise MissingDependencyError("CUDA was requested but torch.cuda.is_available() is False. Use device 'cpu'.")
-        self.model = model.to(self.device).eval()
-        self.name = f"torch-{self.device.type}"
-
-    @torch.inference_mode()
-    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = _as_batch(x)
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
-        out = self.model(t.to(self.device, torch.float32))
-        if isinstance(out, dict):  # torchvision-style {"out": ...}
-            out = out["out"]
-        return out.float().cpu().numpy()
-
-    def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-class OrtRunner(Runner):
-    """ONNX Runtime session; CPU EP unless ``providers`` asks for another (never a silent fallback)."""
-
-    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | str | None = None,
-                 intra_op_num_threads: int | None = None, optimization_level: str = "all") -> None:
-        self.path = Path(onnx_path)
-        self.session = create_ort_session(self.path, providers, intra_op_num_threads=intra_op_num_threads,
-                                          optimization_level=optimization_level)
-        self.providers = self.session.get_providers()
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
-        self.name = f"ort-{self.providers[0].replace('ExecutionProvider', '').lower()}"
-
-    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = _as_batch(x)
-        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        try:
-            (out,) = self.session.run([self.output_name], {self.input_name: arr})
-        except Exception as e:
-            shape = [d for d in self.session.get_inputs()[0].shape]
-            raise ExportError(f"ONNX Runtime failed on an input of shape {list(arr.shape)} (model expects {shape}): "
-                              f"{str(e).strip().splitlines()[0][:200]}. Feed the exported size or export with dynamic axes.") from e
-        return np.asarray(out, dtype=np.float32)
-
-    def close(self) -> None:
-        self.session = None
+from kdcompress.errors import ExportError
+from kdcompress.runtime import OrtRunner, Runner, TorchRunner, as_batch  # noqa: F401  (the runner family)
 
 
 class TrtRunner(Runner):
@@ -146,7 +59,7 @@ class TrtRunner(Runner):
 
     def infer_torch(self, x: torch.Tensor) -> torch.Tensor:
         """GPU in, GPU out (no host copies): what latency benchmarks time."""
-        x = _as_batch(x)
+        x = as_batch(x)
         inp, out_name = self.inputs[0], self.outputs[0]
         x = x.to(self.device, self._torch_dtype(inp)).contiguous()
         if not self.context.set_input_shape(inp, tuple(x.shape)):

@@ -4,34 +4,23 @@
 an ONNX file or a TensorRT engine and returns one row; ``render_table`` lays rows out like
 ACAM-KD's Table 7. Heavy libraries are imported inside the functions.
 
-Backends: ``torch`` and ``ort`` are built in. ``tensorrt`` lives in ``kdcompress.export``
-(the core never imports it); importing ``kdcompress.export`` registers it via
-:func:`register_backend`, which the kdcompress CLI does.
+Runtimes: ``torch`` (the model itself) and every runner of :data:`kdcompress.runtime.RUNNERS`
+(``ort`` built in; ``tensorrt`` registered by ``kdcompress.export``, which the CLI imports).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from kdcompress.errors import KdError, MissingDependencyError
 
-__all__ = ["profile_target", "profile_many", "render_table", "register_backend", "BACKEND_FACTORIES",
-           "TARGET_SUFFIXES"]
+__all__ = ["profile_target", "profile_many", "render_table", "TARGET_SUFFIXES", "ALLOWED_RUNTIMES"]
 
 TARGET_SUFFIXES = {".pt": "checkpoint", ".pth": "checkpoint", ".onnx": "onnx",
                    ".engine": "engine", ".plan": "engine", ".trt": "engine"}
 _DEFAULT_BACKEND = {"model": "torch", "checkpoint": "torch", "onnx": "ort", "engine": "tensorrt"}
 ALLOWED_RUNTIMES = {"model": ("torch",), "checkpoint": ("torch",), "onnx": ("ort",), "engine": ("tensorrt",)}
-
-#: backend name -> factory(path, device, threads) returning an object with ``infer(np_batch)``
-#: (and optionally ``infer_torch(cuda_tensor)`` and ``device_memory_bytes()``).
-BACKEND_FACTORIES: dict[str, Callable[..., Any]] = {}
-
-
-def register_backend(name: str, factory: Callable[..., Any]) -> None:
-    """Plug an artifact runtime in (``kdcompress.export`` registers ``tensorrt``)."""
-    BACKEND_FACTORIES[name] = factory
 
 
 def classify_target(target: str | Path) -> str:
@@ -187,36 +176,32 @@ def profile_target(
             def fn() -> Any:
                 with torch.inference_mode():
                     return model(x)
-        elif backend == "ort":
-            from kdcompress.profiling.latency import create_ort_session
+        else:  # an artifact: its runner from the core's runtime registry (ort; tensorrt once export is imported)
+            from kdcompress.runtime import RUNNERS
 
-            sess = create_ort_session(target, providers=["CUDAExecutionProvider"] if cuda else None,
-                                      intra_op_num_threads=threads)
-            inp = sess.get_inputs()[0]
-            name = inp.name
-            fixed = [(i, d, v) for i, (d, v) in enumerate(zip(inp.shape, (batch, 3, h, w))) if isinstance(d, int) and d != v]
-            if fixed:
-                dims = "x".join(str(d) for d in inp.shape)
-                raise KdError(f"'{target}' has a static input shape {dims}; profile it with a matching --input-size/--batch "
-                              f"or re-export with --dynamic-spatial / --dynamic-batch.")
-            xs = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
+            if backend not in RUNNERS:
+                raise KdError(f"the {backend} runtime is provided by kdcompress.export: `import kdcompress.export` "
+                              f"before profiling an engine (the kdcompress CLI does this).")
+            runner = RUNNERS.get(backend)(target, device, threads)
+            if backend == "ort":
+                inp = runner.session.get_inputs()[0]
+                fixed = [d for d, v in zip(inp.shape, (batch, 3, h, w)) if isinstance(d, int) and d != v]
+                if fixed:
+                    dims = "x".join(str(d) for d in inp.shape)
+                    raise KdError(f"'{target}' has a static input shape {dims}; profile it with a matching "
+                                  f"--input-size/--batch or re-export with --dynamic-spatial / --dynamic-batch.")
+                row["ort_providers"] = runner.providers
+                row["ort_intra_op_threads"] = threads if threads is not None else "ORT default (physical cores)"
+                xs = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
+
+                def fn() -> Any:
+                    return runner.session.run(None, {runner.input_name: xs})
+            else:
+                x = torch.randn(batch, 3, h, w, device=dev)
+
+                def fn() -> Any:
+                    return runner.infer_torch(x)
             weights = int(Path(target).stat().st_size)
-            row["ort_providers"] = sess.get_providers()
-            row["ort_intra_op_threads"] = threads if threads is not None else "ORT default (physical cores)"
-
-            def fn() -> Any:
-                return sess.run(None, {name: xs})
-        else:
-            factory = BACKEND_FACTORIES.get("tensorrt")
-            if factory is None:
-                raise KdError("the tensorrt backend is provided by kdcompress.export: `import kdcompress.export` "
-                              "before profiling an engine (the kdcompress CLI does this).")
-            runner = factory(target, device, threads)
-            x = torch.randn(batch, 3, h, w, device=dev)
-            weights = int(Path(target).stat().st_size)
-
-            def fn() -> Any:
-                return runner.infer_torch(x)
 
         timer_device = str(device) if backend in ("torch", "tensorrt") else "cpu"  # ORT run() is blocking
         if cuda:
@@ -251,7 +236,7 @@ def profile_target(
         row["fps"] = fps_of(lat, batch)
         row["threads"] = torch.get_num_threads() if threads is None else int(threads)
         row["env"] = environment(str(device), threads=row["threads"])
-        if backend == "tensorrt":
+        if backend != "torch":
             runner.close()
     finally:
         torch.set_num_threads(old_threads)

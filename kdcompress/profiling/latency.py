@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kdcompress.errors import ExportError, KdError, MissingDependencyError
+from kdcompress.errors import KdError
 
 _STATUS = Path("/proc/self/status")
 
@@ -244,70 +244,3 @@ def environment(device: str = "cpu", threads: int | None = None) -> dict[str, An
     else:
         env["device_name"] = env["cpu_model"]
     return env
-
-
-def create_ort_session(onnx_path: str | Path, providers: Sequence[str] | str | None = None,
-                       intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = 1,
-                       optimization_level: str = "all") -> Any:
-    """An ONNX Runtime session on exactly the requested providers, or one clear error line.
-
-    ORT silently falls back to the CPU EP when e.g. CUDA libraries are missing; we compare
-    ``session.get_providers()`` with the request and refuse instead. A model stamped with an
-    opset this ORT cannot run is reported with the newest opset it supports.
-    """
-    import re
-
-    import onnxruntime as ort
-
-    aliases = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-               "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
-    if providers is None:
-        wanted = ["CPUExecutionProvider"]
-    else:
-        wanted = [aliases.get(p.lower(), p) for p in ([providers] if isinstance(providers, str) else providers)]
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise ExportError(f"ONNX file '{path}' does not exist. Export it first with `kdcompress export --to onnx`.")
-    available = ort.get_available_providers()
-    missing = [p for p in wanted if p not in available]
-    if missing:
-        hint = (" Install onnxruntime-gpu (pip install 'kdcompress[gpu]') on a CUDA machine."
-                if "CUDAExecutionProvider" in missing else "")
-        raise MissingDependencyError(
-            f"ONNX Runtime provider {missing[0]} is not available (this build has {', '.join(available)}).{hint}")
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    if optimization_level not in levels:
-        raise KdError(f"Unknown ORT optimisation level '{optimization_level}'. Available: {', '.join(levels)}")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = levels[optimization_level]
-    so.log_severity_level = 3  # errors only; "unused initializer" warnings are noise
-    if intra_op_num_threads is not None:
-        so.intra_op_num_threads = int(intra_op_num_threads)
-    if inter_op_num_threads is not None:
-        so.inter_op_num_threads = int(inter_op_num_threads)
-    try:
-        session = ort.InferenceSession(str(path), sess_options=so, providers=wanted)
-    except Exception as e:
-        msg = str(e)
-        m = re.search(r"support for domain ai\.onnx is till opset (\d+)", msg)
-        if m:
-            newest = int(m.group(1))
-            import onnx
-
-            stamped = next((i.version for i in onnx.load(str(path), load_external_data=False).opset_import
-                            if i.domain in ("", "ai.onnx")), None)
-            raise ExportError(
-                f"ONNX Runtime {ort.__version__} cannot run '{path.name}' (opset {stamped}): it supports ai.onnx "
-                f"up to opset {newest}. Re-export with --opset {min(newest, 18)}.") from e
-        first = msg.strip().splitlines()[0][:300] if msg.strip() else type(e).__name__
-        raise ExportError(f"ONNX Runtime could not load '{path.name}': {first}. Re-export the model.") from e
-    actual = session.get_providers()
-    if actual[: len(wanted)] != wanted:
-        raise ExportError(f"ONNX Runtime fell back to {actual} although {wanted} was requested. "
-                          f"Fix the CUDA/cuDNN installation or ask for the CPU provider explicitly.")
-    return session
