@@ -1,0 +1,71 @@
+"""Cold wall time of the README's main command, `kdcompress pipeline digits`.
+
+Cold means an empty ``$KDCOMPRESS_CACHE`` (dataset generation and the built-in pretraining
+included) and an empty run folder; the install is excluded. Prints and saves the wall time, the
+stage times from ``pipeline.json``, the three models' mIoU and the CPU model.
+
+    python benchmarks/pipeline_cold.py                 # runs it (about 30 min on a 2-core CPU)
+    python benchmarks/pipeline_cold.py --record DIR --wall-s 1738   # record a run made by hand the same way
+
+Saves ``benchmarks/results/pipeline_digits_cold.json`` (runs are appended, so two measurements sit
+side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_digits_cold.json"
+
+
+def summarize(run: Path, wall_s: float, how: str) -> dict:
+    from kdcompress.profiling.latency import environment
+
+    report = json.loads((run / "report.json").read_text())
+    stages = json.loads((run / "pipeline.json").read_text())["stages"]
+    return {
+        "command": "kdcompress pipeline digits", "cold": True, "how": how, "wall_s": wall_s,
+        "stage_wall_s": {k: v["wall_s"] for k, v in stages.items()},
+        "mIoU": {k: v["mIoU"] for k, v in report["evaluation"].items()},
+        "exports": {k: {x: v.get(x) for x in ("miou_torch", "miou_artifact", "drop")} for k, v in report["exports"].items()},
+        "environment": environment("cpu"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--record", type=Path, help="a finished run folder (runs/pipeline-digits) made cold by hand")
+    ap.add_argument("--wall-s", type=float, help="its wall time, measured by the shell")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if args.record:
+        if args.wall_s is None:
+            sys.exit("--record needs --wall-s (the shell's measurement of the same run)")
+        row = summarize(args.record, args.wall_s, "by hand: KDCOMPRESS_CACHE=<empty folder> kdcompress pipeline digits")
+    else:
+        with tempfile.TemporaryDirectory(prefix="kd-cold-") as tmp:
+            env = dict(os.environ, KDCOMPRESS_CACHE=str(Path(tmp) / "cache"))
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "kdcompress", "pipeline", "digits", "--out", str(Path(tmp) / "run")],
+                           env=env, check=True)
+            row = summarize(Path(tmp) / "run", time.perf_counter() - t0, "benchmarks/pipeline_cold.py")
+    runs = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
+    runs.append(row)
+    from kdcompress.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps({"benchmark": "pipeline_cold", "runs": runs}, indent=2))
+    print(f"cold pipeline: {row['wall_s']:.0f} s; stages " +
+          ", ".join(f"{k} {v:.0f} s" for k, v in row["stage_wall_s"].items()) +
+          "; mIoU " + ", ".join(f"{k} {100 * v:.2f}" for k, v in row["mIoU"].items()))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
