@@ -247,7 +247,7 @@ def _pretrain(backbone: str, data_seed: int, cfg: PretrainConfig, path: Path, lo
     t0 = time.perf_counter()
     net = torchvision_classifier(backbone, NUM_CLASSES)
     train_data = DigitCrops(data_seed, cfg.image_size, held_out=False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.3)
     amp = amp_dtype_for(torch.device("cpu"))
     net.train()
