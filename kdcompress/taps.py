@@ -28,17 +28,27 @@ class Tap:
     note: str = ""
 
 
+def check_taps(names: Sequence[str], available: Sequence[str], who: str, needed_by: str | None = None) -> None:
+    """The one tap check: a one-line KdError naming the tap, ``who`` lacks it, and the valid taps.
+
+    ``needed_by`` names a method whose *default* taps are asked for (the user typed no tap, so a
+    "did you mean" would be noise).
+    """
+    available = list(available)
+    valid = ", ".join(available) or "(none)"
+    for name in names:
+        if name in available:
+            continue
+        if needed_by is not None:
+            raise KdError(f"method '{needed_by}' needs a {name} tap; {who} has none. Its taps: {valid}")
+        close = difflib.get_close_matches(name, available, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise KdError(f"Unknown tap '{name}' for {who}.{hint} Valid taps: {valid}")
+
+
 def validate_taps(model: nn.Module, names: Sequence[str]) -> None:
     """Raise a one-line KdError for tap names the model does not declare."""
-    available = model.taps()  # type: ignore[operator]
-    for name in names:
-        if name not in available:
-            close = difflib.get_close_matches(name, available, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise KdError(
-                f"Unknown tap '{name}' for model '{getattr(model, 'arch', type(model).__name__)}'.{hint} "
-                f"Valid taps: {', '.join(available)}"
-            )
+    check_taps(names, model.taps(), f"model '{getattr(model, 'arch', type(model).__name__)}'")  # type: ignore[operator]
 
 
 @contextlib.contextmanager

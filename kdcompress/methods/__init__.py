@@ -5,7 +5,6 @@ Adding a method: one file in this package and one ``METHODS.add`` line below.
 
 from __future__ import annotations
 
-import difflib
 from typing import Mapping, Sequence
 
 import torch
@@ -17,6 +16,7 @@ from kdcompress.methods.base import DistillMethod
 from kdcompress.methods.baselines import FeatureMSE, LogitKD, NoDistill
 from kdcompress.methods.cankd import CanKD
 from kdcompress.registry import Registry
+from kdcompress.taps import check_taps
 
 METHODS: Registry[type[DistillMethod]] = Registry("method")
 METHODS.add("attnfd", AttnFD)
@@ -33,20 +33,10 @@ def _check_taps(
     defaulted: bool,
     sides: Sequence[tuple[str, str, Mapping[str, torch.Size]]],
 ) -> None:
-    """One-line KdError for a tap that a model lacks, naming the model and its valid taps."""
-    for tap in taps:
-        for role, model, shapes in sides:
-            if tap in shapes:
-                continue
-            valid = ", ".join(shapes) or "(none)"
-            who = f"model '{model}' ({role})" if model != role else f"the {role} model"
-            if defaulted:
-                raise KdError(
-                    f"method '{method}' needs a {tap} tap; {who} has none. Its taps: {valid}"
-                )
-            close = difflib.get_close_matches(tap, list(shapes), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise KdError(f"Unknown tap '{tap}' for {who}.{hint} Valid taps: {valid}")
+    """Every tap on both sides, through the one tap check (``kdcompress.taps.check_taps``)."""
+    for role, model, shapes in sides:
+        who = f"model '{model}' ({role})" if model != role else f"the {role} model"
+        check_taps(taps, list(shapes), who, needed_by=method if defaulted else None)
 
 
 def build_method(

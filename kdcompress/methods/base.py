@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcompress.errors import ConfigError, KdError
+from kdcompress.taps import check_taps
 
 Shapes = Mapping[str, torch.Size]
 
@@ -48,13 +49,10 @@ class DistillMethod(nn.Module):
         self.num_classes = int(num_classes)
         if self.default_taps and not self.taps:
             raise KdError(f"Method '{self.name}' needs at least one tap")
+        for side, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
+            check_taps(self.taps, list(shapes), f"the {side} model", needed_by=self.name)
         for tap in self.taps:
             for side, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
-                if tap not in shapes:
-                    raise KdError(
-                        f"Method '{self.name}' needs tap '{tap}', which the {side} model does not "
-                        f"provide. Valid taps: {', '.join(shapes) or '(none)'}"
-                    )
                 if len(shapes[tap]) != 4:
                     raise KdError(
                         f"Tap '{tap}' of the {side} model has shape {tuple(shapes[tap])}; "
