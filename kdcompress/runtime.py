@@ -55,9 +55,9 @@ class TorchRunner(Runner):
     """The eager PyTorch model: the reference every artifact is compared with."""
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise MissingDependencyError("CUDA was requested but torch.cuda.is_available() is False. Use device 'cpu'.")
+        from kdcompress.engine.distributed import resolve_device
+
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.name = f"torch-{self.device.type}"
 

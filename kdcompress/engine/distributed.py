@@ -60,17 +60,25 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def resolve_device(name: str) -> torch.device:
-    from kdcompress.errors import KdError
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The one device check: ``auto`` picks this rank's GPU or the CPU; a CUDA request without a
+    GPU is a MissingDependencyError (exit 4); anything but cpu/cuda[:N] is a one-line KdError."""
+    from kdcompress.errors import KdError, MissingDependencyError
 
-    if name == "auto":
+    if str(name) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise KdError(f"Unknown device '{name}'. Use auto, cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise KdError(f"Unknown device '{name}'. Use auto, cpu, cuda or cuda:N.")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise KdError("device 'cuda' requested but no CUDA GPU is available. Use --device cpu.")
+            raise MissingDependencyError(f"device '{name}' requested but no CUDA GPU is available "
+                                         f"(torch.cuda.is_available() is False). Use --device cpu.")
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from kdcompress.errors import KdError, MissingDependencyError
+from kdcompress.errors import KdError
 
 __all__ = ["profile_target", "profile_many", "render_table", "TARGET_SUFFIXES", "ALLOWED_RUNTIMES"]
 
@@ -92,11 +92,10 @@ def profile_target(
                 "onnx": "use --backend ort (or build an engine with kdcompress export --to tensorrt)",
                 "engine": "use --backend tensorrt"}[kind]
         raise KdError(f"Backend '{backend}' cannot run a {kind} target ('{target}'): {hint}.")
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise KdError(f"Unknown device '{device}'. Use cpu or cuda.")
-    cuda = str(device).startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise MissingDependencyError(f"device '{device}' requested but torch.cuda.is_available() is False. Use --device cpu.")
+    from kdcompress.engine.distributed import resolve_device
+
+    device = str(resolve_device(device))
+    cuda = device.startswith("cuda")
     if backend == "tensorrt" and not cuda:
         raise KdError("TensorRT engines run on CUDA only: use --device cuda.")
     if batch < 1:
