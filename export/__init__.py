@@ -12,21 +12,19 @@ the verification helpers.
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kdcompress.errors import CheckpointError, ExportError
-from kdcompress.export.metadata import read_sidecar, sha256_file, sidecar_path, write_sidecar
+from kdcompress.export.job import Backend, ExportJob, ExportResult, _Progress
+from kdcompress.export.metadata import read_sidecar, sha256_file, sidecar_path
 from kdcompress.export.onnx import DEFAULT_OPSET, check_opset, export_onnx
-from kdcompress.export.ort_quant import calibration_images, quantize_int8
+from kdcompress.export.ort_quant import build_ort_int8, calibration_images, quantize_int8
 from kdcompress.export.runners import OrtRunner, Runner, TorchRunner, TrtRunner
-from kdcompress.export.tensorrt import build_engine, import_tensorrt, require_cuda
+from kdcompress.export.tensorrt import _preflight as trt_preflight
+from kdcompress.export.tensorrt import build_engine, build_tensorrt
 from kdcompress.export.verify import (
     DEFAULT_TOLERANCES,
-    ArtifactGuard,
     ResizedDataset,
     StagedArtifact,
     Tolerances,
@@ -37,75 +35,23 @@ from kdcompress.export.verify import (
     resolve_tolerances,
     verify_against,
 )
+from kdcompress.registry import Registry
 
 __all__ = [
-    "ExportResult", "export_checkpoint", "TARGETS", "export_onnx", "quantize_int8", "build_engine",
+    "ExportResult", "ExportJob", "Backend", "BACKENDS", "export_checkpoint", "TARGETS", "export_onnx", "quantize_int8", "build_engine",
     "Runner", "TorchRunner", "OrtRunner", "TrtRunner", "Tolerances", "DEFAULT_TOLERANCES",
     "compare_outputs", "verify_against", "miou_of", "read_sidecar", "sidecar_path",
 ]
 
-TARGETS = ("onnx", "ort-int8", "tensorrt")
-_PRECISIONS = {"onnx": ("fp32",), "ort-int8": ("int8",), "tensorrt": ("fp32", "fp16", "int8")}
-_DEFAULT_PRECISION = {"onnx": "fp32", "ort-int8": "int8", "tensorrt": "fp16"}
+#: Export targets by name: one module each (precisions, default, artifact suffix, builder); a new
+#: target is its module plus one line here. Tolerances per precision: ``verify.DEFAULT_TOLERANCES``.
+BACKENDS: Registry[Backend] = Registry("export target")
+BACKENDS.add("onnx", Backend("onnx", ("fp32",), "fp32", lambda p: ".onnx"))
+BACKENDS.add("ort-int8", Backend("ort-int8", ("int8",), "int8", lambda p: ".int8.onnx", build=build_ort_int8))
+BACKENDS.add("tensorrt", Backend("tensorrt", ("fp32", "fp16", "int8"), "fp16", lambda p: f".{p}.engine",
+                                 build=build_tensorrt, preflight=trt_preflight))
+TARGETS = tuple(BACKENDS.names())
 _REQUIRED_META = ("arch", "num_classes", "mean", "std", "dataset")
-
-
-@dataclass
-class ExportResult:
-    """What an export produced and how it was verified (all metrics measured in this run)."""
-
-    target: str
-    precision: str
-    artifact: Path
-    sidecar: Path
-    parity: dict[str, Any]  # the artifact vs PyTorch (see verify_against), incl. miou_* and eval_images
-    miou_torch: float | None
-    miou_artifact: float | None
-    drop: float | None  # miou_torch - miou_artifact (absolute mIoU)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    onnx_fp32: Path | None = None
-    onnx_parity: dict[str, Any] = field(default_factory=dict)  # the fp32 ONNX vs PyTorch (== parity for --to onnx)
-    onnx_reused: bool = False
-    speed: dict[str, Any] = field(default_factory=dict)
-    eval_images: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("artifact", "sidecar", "onnx_fp32"):
-            d[k] = str(d[k]) if d[k] is not None else None
-        return d
-
-
-class _Progress:
-    """Stage lines on stderr (``✓ export ONNX 3.1 s``) and the per-stage timings."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.timings: dict[str, float] = {}
-        self.console = None
-        if enabled:
-            from rich.console import Console
-
-            self.console = Console(stderr=True)
-
-    @contextmanager
-    def stage(self, key: str, label: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        status = self.console.status(f"{label} ...") if self.console is not None else None
-        if status is not None:
-            status.start()
-        try:
-            yield
-        finally:
-            if status is not None:
-                status.stop()
-        dt = time.perf_counter() - t0
-        self.timings[key] = self.timings.get(key, 0.0) + dt
-        if self.console is not None:
-            self.console.print(f"[green]✓[/green] {label} [dim]({dt:.1f} s)[/dim]")
-
-    def note(self, text: str) -> None:
-        if self.console is not None:
-            self.console.print(text)
 
 
 def _check_meta(ckpt: Path, meta: dict[str, Any], need_input_size: bool) -> None:
@@ -172,10 +118,10 @@ def _find_reusable_onnx(default: Path, artifact: Path, ckpt_sha: str, size: tupl
 def _default_paths(ckpt: Path, to: str, precision: str, out_path: str | Path | None) -> tuple[Path, Path]:
     """(artifact, fp32 onnx). The fp32 ONNX sits beside the artifact as ``<ckpt stem>.onnx``."""
     stem = ckpt.stem
-    if to == "onnx":
+    if BACKENDS.get(to).build is None:  # the fp32 ONNX is the artifact
         art = Path(out_path) if out_path else ckpt.with_name(f"{stem}.onnx")
         return art, art
-    suffix = ".int8.onnx" if to == "ort-int8" else f".{precision}.engine"
+    suffix = BACKENDS.get(to).suffix(precision)
     art = Path(out_path) if out_path else ckpt.with_name(stem + suffix)
     fp32 = art.with_name(f"{stem}.onnx")
     if fp32.resolve() == art.resolve():
@@ -216,11 +162,13 @@ def export_checkpoint(
     defaults (:data:`DEFAULT_TOLERANCES`). INT8 calibrates on ``calib_images`` *training*
     images. Raises KdError subclasses with one-line messages; nothing is left behind on failure.
     """
-    if to not in TARGETS:
+    if to not in BACKENDS:
         raise ExportError(f"Unknown export target '{to}'. Available: {', '.join(TARGETS)}")
-    precision = precision or _DEFAULT_PRECISION[to]
-    if precision not in _PRECISIONS[to]:
-        raise ExportError(f"Precision '{precision}' is not available for --to {to}. Available: {', '.join(_PRECISIONS[to])}")
+    backend = BACKENDS.get(to)
+    precision = precision or backend.default_precision
+    if precision not in backend.precisions:
+        raise ExportError(f"Precision '{precision}' is not available for --to {to}. "
+                          f"Available: {', '.join(backend.precisions)}")
     check_opset(opset)
     if verify_images is None or verify_images < 1:
         raise ExportError(f"verify_images must be >= 1 (got {verify_images}): every artifact is checked on real images.")
@@ -228,9 +176,8 @@ def export_checkpoint(
         raise ExportError(f"max_eval_images must be >= 1 or None for the whole split (got {max_eval_images}).")
     if precision == "int8" and (calib_images is None or calib_images < 1) and not (calib_cache and Path(calib_cache).is_file()):
         raise ExportError(f"calibration set is empty: --calib-images must be >= 1 for INT8 (got {calib_images}).")
-    if to == "tensorrt":  # fail before minutes of ONNX export when the machine cannot build engines
-        import_tensorrt()
-        require_cuda()
+    if backend.preflight is not None:  # fail before minutes of ONNX export when the machine cannot build it
+        backend.preflight()
 
     ckpt = Path(ckpt_path)
     prog = _Progress(progress)
@@ -266,7 +213,7 @@ def export_checkpoint(
     # ---- fp32 ONNX (the artifact itself, or the verified source of INT8/TensorRT) ------------
     miou_torch: float | None = None
     reused = False
-    if to != "onnx":
+    if backend.build is not None:
         found = _find_reusable_onnx(fp32_path, artifact, ckpt_sha, size, dynamic_batch, dynamic_spatial, opset)
         if found is not None:
             fp32_path, reused = found, True
@@ -294,7 +241,7 @@ def export_checkpoint(
                                eval_images=_n_eval(val, max_eval_images), eval_config=eval_config, passed=True)
             staged.commit(build_sidecar(staged.tmp, kind="onnx", precision="fp32", opset=opset,
                                         parity=fp32_parity, **common))
-    if to == "onnx":
+    if backend.build is None:
         return ExportResult(target=to, precision="fp32", artifact=fp32_path, sidecar=sidecar_path(fp32_path),
                             parity=fp32_parity, miou_torch=fp32_parity["miou_torch"],
                             miou_artifact=fp32_parity["miou_artifact"], drop=fp32_parity["miou_drop"],
@@ -311,107 +258,19 @@ def export_checkpoint(
             train = _datasets(meta, data_root, size, "train")
             calib = calibration_images(train, calib_images, size)
 
-    speed: dict[str, Any] = {}
-    trt_cache = None
-    if to == "tensorrt" and precision == "int8":
-        trt_cache = Path(calib_cache) if calib_cache else artifact.with_name(artifact.name + ".calib")
-    # A calibration cache made by this run goes too if the engine fails (it would reproduce the failure).
-    new_cache = [trt_cache] if trt_cache is not None and not trt_cache.exists() else []
-    if to == "ort-int8":
-        with StagedArtifact(artifact) as staged:
-            with prog.stage("quantize", f"quantize INT8 (QDQ, per-channel, {len(calib)} calibration images)"):
-                quantize_int8(fp32_path, staged.tmp, calib)
-            with OrtRunner(staged.tmp) as art_runner:
-                with prog.stage("verify_artifact", "verify INT8 against PyTorch"):
-                    parity = verify_against(torch_ref, art_runner, images_of(val, verify_images), tol)
-                with prog.stage("miou_artifact", "mIoU INT8"):
-                    miou_art = miou_of(art_runner, val, max_images=max_eval_images).miou
-                drop = check_miou_drop(miou_torch, miou_art, tol, f"INT8 '{artifact.name}'")
-                with prog.stage("benchmark", "CPU latency ONNX fp32 vs INT8"), OrtRunner(fp32_path) as ort_fp32:
-                    speed = _compare_speed(ort_fp32, art_runner, size, benchmark_iters, "onnx_fp32", "int8")
-            extra = {"calibration": {"split": "train", "images": len(calib), "method": "minmax",
-                                     "format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8"},
-                     "source_onnx": fp32_path.name, "speed": speed}
-            parity.update(miou_torch=miou_torch, miou_artifact=miou_art, miou_drop=drop,
-                          eval_images=_n_eval(val, max_eval_images), eval_config=eval_config, passed=True)
-            staged.commit(build_sidecar(staged.tmp, kind="ort-int8", precision=precision, opset=opset,
-                                        parity=parity, extra=extra, **common))
-        return ExportResult(target=to, precision=precision, artifact=artifact, sidecar=sidecar_path(artifact),
-                            parity=parity, miou_torch=miou_torch, miou_artifact=miou_art, drop=drop,
-                            timings=prog.timings, onnx_fp32=fp32_path, onnx_parity=fp32_parity,
-                            onnx_reused=reused, speed=speed, eval_images=parity["eval_images"])
-    # TensorRT: the engine loader reads the sidecar, so the engine is verified in place and removed on failure.
-    with ArtifactGuard(artifact, sidecar_path(artifact), *new_cache):
-        with prog.stage("build_engine", f"build TensorRT {precision} engine"):
-            # int8: the Q/DQ ONNX is verified in ORT (parity + mIoU drop, these tolerances) before the build
-            _, trt_info = build_engine(fp32_path, artifact, precision, calib_images=calib, calib_cache=trt_cache,
-                                       min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-                                       workspace_mb=workspace_mb, timing_cache=timing_cache,
-                                       tolerances=tol if precision == "int8" else None)
-        extra = {"tensorrt": trt_info, "source_onnx": fp32_path.name}
-        kind, art_opset = "tensorrt", opset
-        # The loader checks the sidecar's TensorRT version/compute capability, so write it before verifying.
-        write_sidecar(artifact, build_sidecar(artifact, kind=kind, precision=precision, opset=art_opset,
-                                              parity={"passed": False, "status": "verifying"}, extra=extra, **common))
-        with TrtRunner(artifact) as art_runner:
-            torch_cuda = TorchRunner(model, "cuda")
-            with prog.stage("verify_artifact", f"verify TensorRT {precision} against PyTorch"):
-                parity = verify_against(torch_cuda, art_runner, images_of(val, verify_images), tol)
-            with prog.stage("miou_artifact", f"mIoU TensorRT {precision}"):
-                miou_art = miou_of(art_runner, val, max_images=max_eval_images).miou
-            drop = check_miou_drop(miou_torch, miou_art, tol, f"TensorRT {precision} '{artifact.name}'")
-            with prog.stage("benchmark", "GPU latency PyTorch vs TensorRT"):
-                speed = _compare_speed_cuda(model, art_runner, size, benchmark_iters, precision)
-        extra["speed"] = speed
-        parity.update(miou_torch=miou_torch, miou_artifact=miou_art, miou_drop=drop,
-                      eval_images=_n_eval(val, max_eval_images), eval_config=eval_config, passed=True)
-        write_sidecar(artifact, build_sidecar(artifact, kind=kind, precision=precision, opset=art_opset,
-                                              parity=parity, extra=extra, **common))
-    return ExportResult(target=to, precision=precision, artifact=artifact, sidecar=sidecar_path(artifact),
-                        parity=parity, miou_torch=miou_torch, miou_artifact=miou_art, drop=drop,
-                        timings=prog.timings, onnx_fp32=fp32_path, onnx_parity=fp32_parity,
-                        onnx_reused=reused, speed=speed, eval_images=parity["eval_images"])
+    job = ExportJob(ckpt=ckpt, model=model, meta=meta, size=size, val=val, torch_ref=torch_ref, precision=precision,
+                    tol=tol, artifact=artifact, fp32_path=fp32_path, fp32_parity=fp32_parity, miou_torch=miou_torch,
+                    reused=reused, prog=prog, common=common, eval_config=eval_config, verify_images=verify_images,
+                    max_eval_images=max_eval_images, calib=calib, benchmark_iters=benchmark_iters, opset=opset,
+                    options={"workspace_mb": workspace_mb, "timing_cache": timing_cache, "calib_cache": calib_cache,
+                             "min_shape": min_shape, "opt_shape": opt_shape, "max_shape": max_shape})
+    result = backend.build(job)  # type: ignore[misc]  (every target but onnx has a builder)
+    result.target = to
+    return result
 
 
 def _n_eval(ds: Any, max_images: int | None) -> int:
     return len(ds) if max_images is None else min(len(ds), int(max_images))
-
-
-def _compare_speed(ref: Runner, cand: Runner, size: tuple[int, int], iters: int, ref_name: str,
-                   cand_name: str) -> dict[str, Any]:
-    """Batch-1 CPU latency of two ORT sessions on the same input (median of ``iters``)."""
-    import numpy as np
-
-    from kdcompress.profiling.latency import measure_latency
-
-    if iters < 1:
-        return {}
-    x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
-    a = measure_latency(lambda: ref.infer(x), warmup=3, iters=iters)
-    b = measure_latency(lambda: cand.infer(x), warmup=3, iters=iters)
-    return {f"{ref_name}_median_ms": a["median_ms"], f"{cand_name}_median_ms": b["median_ms"],
-            "speedup": a["median_ms"] / b["median_ms"], "iters": iters, "batch": 1, "device": "cpu"}
-
-
-def _compare_speed_cuda(model: Any, runner: TrtRunner, size: tuple[int, int], iters: int, precision: str) -> dict[str, Any]:
-    """Batch-1 GPU latency of eager PyTorch fp32 vs the engine (CUDA events, synchronised)."""
-    import torch
-
-    from kdcompress.profiling.latency import measure_latency
-
-    if iters < 1:
-        return {}
-    x = torch.randn(1, 3, *size, device="cuda")
-    model = model.to("cuda").eval()
-
-    def torch_fn() -> Any:
-        with torch.inference_mode():
-            return model(x)
-
-    a = measure_latency(torch_fn, warmup=5, iters=iters, device="cuda")
-    b = measure_latency(lambda: runner.infer_torch(x), warmup=5, iters=iters, device="cuda")
-    return {"torch_fp32_median_ms": a["median_ms"], f"tensorrt_{precision}_median_ms": b["median_ms"],
-            "speedup": a["median_ms"] / b["median_ms"], "iters": iters, "batch": 1, "device": "cuda"}
 
 
 def _register_tensorrt_runtime() -> None:

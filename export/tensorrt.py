@@ -567,3 +567,78 @@ def load_engine(path: str | Path, verbose: bool = False) -> tuple[Any, Any]:
                           f"version or for another GPU, or corrupt. Rebuild it here with `kdcompress export --to tensorrt`.")
     return engine, runtime
 
+
+
+# ----------------------------------------------------------------------------- the tensorrt export target
+
+def build_tensorrt(job: Any) -> Any:
+    """Build the engine from the verified fp32 ONNX, then verify it on the GPU against PyTorch.
+
+    The engine loader reads the sidecar (TensorRT version, compute capability), so the engine is
+    verified in place under an ArtifactGuard and removed with its sidecar on failure.
+    """
+    from kdcompress.export.metadata import build_sidecar, sidecar_path, write_sidecar
+    from kdcompress.export.runners import TorchRunner, TrtRunner
+    from kdcompress.export.verify import ArtifactGuard, check_miou_drop, images_of, miou_of, verify_against
+
+    prog, tol, precision, opts = job.prog, job.tol, job.precision, job.options
+    artifact = job.artifact
+    trt_cache = None
+    if precision == "int8":
+        trt_cache = Path(opts["calib_cache"]) if opts.get("calib_cache") else artifact.with_name(artifact.name + ".calib")
+    # A calibration cache made by this run goes too if the engine fails (it would reproduce the failure).
+    new_cache = [trt_cache] if trt_cache is not None and not trt_cache.exists() else []
+    with ArtifactGuard(artifact, sidecar_path(artifact), *new_cache):
+        with prog.stage("build_engine", f"build TensorRT {precision} engine"):
+            # int8: the Q/DQ ONNX is verified in ORT (parity + mIoU drop, these tolerances) before the build
+            _, trt_info = build_engine(job.fp32_path, artifact, precision, calib_images=job.calib, calib_cache=trt_cache,
+                                       min_shape=opts.get("min_shape"), opt_shape=opts.get("opt_shape"),
+                                       max_shape=opts.get("max_shape"), workspace_mb=opts.get("workspace_mb", 4096),
+                                       timing_cache=opts.get("timing_cache"),
+                                       tolerances=tol if precision == "int8" else None)
+        extra = {"tensorrt": trt_info, "source_onnx": job.fp32_path.name}
+        # The loader checks the sidecar's TensorRT version/compute capability, so write it before verifying.
+        write_sidecar(artifact, build_sidecar(artifact, kind="tensorrt", precision=precision, opset=job.opset,
+                                              parity={"passed": False, "status": "verifying"}, extra=extra,
+                                              **job.common))
+        with TrtRunner(artifact) as art_runner:
+            torch_cuda = TorchRunner(job.model, "cuda")
+            with prog.stage("verify_artifact", f"verify TensorRT {precision} against PyTorch"):
+                parity = verify_against(torch_cuda, art_runner, images_of(job.val, job.verify_images), tol)
+            with prog.stage("miou_artifact", f"mIoU TensorRT {precision}"):
+                miou_art = miou_of(art_runner, job.val, max_images=job.max_eval_images).miou
+            drop = check_miou_drop(job.miou_torch, miou_art, tol, f"TensorRT {precision} '{artifact.name}'")
+            with prog.stage("benchmark", "GPU latency PyTorch vs TensorRT"):
+                speed = _compare_speed_cuda(job.model, art_runner, job.size, job.benchmark_iters, precision)
+        extra["speed"] = speed
+        parity.update(miou_torch=job.miou_torch, miou_artifact=miou_art, miou_drop=drop,
+                      eval_images=job.eval_images(), eval_config=job.eval_config, passed=True)
+        write_sidecar(artifact, build_sidecar(artifact, kind="tensorrt", precision=precision, opset=job.opset,
+                                              parity=parity, extra=extra, **job.common))
+    return job.result(parity, miou_art, drop, speed)
+
+
+def _compare_speed_cuda(model: Any, runner: Any, size: tuple[int, int], iters: int, precision: str) -> dict[str, Any]:
+    """Batch-1 GPU latency of eager PyTorch fp32 vs the engine (CUDA events, synchronised)."""
+    import torch
+
+    from kdcompress.profiling.latency import measure_latency
+
+    if iters < 1:
+        return {}
+    x = torch.randn(1, 3, *size, device="cuda")
+    model = model.to("cuda").eval()
+
+    def torch_fn() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    a = measure_latency(torch_fn, warmup=5, iters=iters, device="cuda")
+    b = measure_latency(lambda: runner.infer_torch(x), warmup=5, iters=iters, device="cuda")
+    return {"torch_fp32_median_ms": a["median_ms"], f"tensorrt_{precision}_median_ms": b["median_ms"],
+            "speedup": a["median_ms"] / b["median_ms"], "iters": iters, "batch": 1, "device": "cuda"}
+
+
+def _preflight() -> None:
+    import_tensorrt()
+    require_cuda()

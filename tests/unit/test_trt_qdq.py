@@ -66,9 +66,9 @@ def qdq_models(fp32_onnx: Path) -> dict[str, Path]:
             "ort": quantize_int8(fp32_onnx, d / "tiny.ort.int8.onnx", calib)}
 
 
-def _parity(fp32: Path, cand: Path) -> dict[str, float]:
+def _parity(fp32: Path, cand: Path, level: str = "all") -> dict[str, float]:
     worst, agree = 0.0, []
-    with OrtRunner(fp32) as ref, OrtRunner(cand) as run:
+    with OrtRunner(fp32) as ref, OrtRunner(cand, optimization_level=level) as run:
         for x in _images(2, 6):
             r = compare_outputs(ref.infer(x), run.infer(x))
             worst = max(worst, r["max_rel"])
@@ -120,7 +120,9 @@ def test_trt_qdq_graph_is_tensorrt_compatible(fp32_onnx: Path, qdq_models: dict[
 
 
 def test_trt_qdq_parity_in_onnxruntime(fp32_onnx: Path, qdq_models: dict[str, Path]) -> None:
-    sym = _parity(fp32_onnx, qdq_models["trt"])
+    # as prepare_int8_qdq verifies it: Q/DQ simulated in float ("basic"), not ORT's int8 kernels, whose
+    # non-VNNI (AVX2) path saturates (0.883 there) and says nothing about TensorRT
+    sym = _parity(fp32_onnx, qdq_models["trt"], level="basic")
     asym = _parity(fp32_onnx, qdq_models["ort"])
     # the int8 default tolerance (0.95 argmax agreement); measured ~0.973, max_rel ~0.067 (ORT 1.31)
     assert sym["argmax_agreement"] >= 0.95, sym
