@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from kdcompress.errors import CheckpointError, ExportError
-from kdcompress.export.job import Backend, ExportJob, ExportResult, _Progress
-from kdcompress.export.metadata import read_sidecar, sha256_file, sidecar_path
+from kdcompress.export.job import Backend, ExportJob, ExportResult, _Progress, eval_count
+from kdcompress.engine.checkpoint import sha256_file
+from kdcompress.export.metadata import read_sidecar, sidecar_path
 from kdcompress.export.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from kdcompress.export.ort_quant import build_ort_int8, calibration_images, quantize_int8
 from kdcompress.export.runners import OrtRunner, Runner, TorchRunner, TrtRunner
@@ -208,7 +209,7 @@ def export_checkpoint(
 
     eval_config = {"dataset": meta["dataset"], "data_root": str(data_root if data_root is not None else meta.get("data_root")),
                    "data_options": dict(meta.get("data_options") or {}), "split": "val", "input_size": list(size),
-                   "images": _n_eval(val, max_eval_images), "max_eval_images": max_eval_images}
+                   "images": eval_count(val, max_eval_images), "max_eval_images": max_eval_images}
 
     # ---- fp32 ONNX (the artifact itself, or the verified source of INT8/TensorRT) ------------
     miou_torch: float | None = None
@@ -238,7 +239,7 @@ def export_checkpoint(
                     miou_fp32 = miou_of(ort_fp32, val, max_images=max_eval_images).miou
             drop_fp32 = check_miou_drop(miou_torch, miou_fp32, tol_fp32, f"ONNX fp32 '{fp32_path.name}'")
             fp32_parity.update(miou_torch=miou_torch, miou_artifact=miou_fp32, miou_drop=drop_fp32,
-                               eval_images=_n_eval(val, max_eval_images), eval_config=eval_config, passed=True)
+                               eval_images=eval_count(val, max_eval_images), eval_config=eval_config, passed=True)
             staged.commit(build_sidecar(staged.tmp, kind="onnx", precision="fp32", opset=opset,
                                         parity=fp32_parity, **common))
     if backend.build is None:
@@ -258,19 +259,13 @@ def export_checkpoint(
             train = _datasets(meta, data_root, size, "train")
             calib = calibration_images(train, calib_images, size)
 
-    job = ExportJob(ckpt=ckpt, model=model, meta=meta, size=size, val=val, torch_ref=torch_ref, precision=precision,
+    job = ExportJob(target=to, ckpt=ckpt, model=model, meta=meta, size=size, val=val, torch_ref=torch_ref, precision=precision,
                     tol=tol, artifact=artifact, fp32_path=fp32_path, fp32_parity=fp32_parity, miou_torch=miou_torch,
                     reused=reused, prog=prog, common=common, eval_config=eval_config, verify_images=verify_images,
                     max_eval_images=max_eval_images, calib=calib, benchmark_iters=benchmark_iters, opset=opset,
                     options={"workspace_mb": workspace_mb, "timing_cache": timing_cache, "calib_cache": calib_cache,
                              "min_shape": min_shape, "opt_shape": opt_shape, "max_shape": max_shape})
-    result = backend.build(job)  # type: ignore[misc]  (every target but onnx has a builder)
-    result.target = to
-    return result
-
-
-def _n_eval(ds: Any, max_images: int | None) -> int:
-    return len(ds) if max_images is None else min(len(ds), int(max_images))
+    return backend.build(job)  # type: ignore[misc]  (every target but onnx has a builder)
 
 
 def _register_tensorrt_runtime() -> None:

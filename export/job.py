@@ -74,10 +74,16 @@ class _Progress:
             self.console.print(text)
 
 
+def eval_count(ds: Any, max_images: int | None) -> int:
+    """How many validation images an mIoU is computed on (``None``: the whole split)."""
+    return len(ds) if max_images is None else min(len(ds), int(max_images))
+
+
 @dataclass
 class ExportJob:
     """The checked, shared part of one export; a backend builds and verifies ``artifact`` from it."""
 
+    target: str
     ckpt: Path
     model: Any
     meta: dict[str, Any]
@@ -102,11 +108,11 @@ class ExportJob:
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific (TensorRT: workspace, shapes, caches)
 
     def eval_images(self) -> int:
-        return len(self.val) if self.max_eval_images is None else min(len(self.val), int(self.max_eval_images))
+        return eval_count(self.val, self.max_eval_images)
 
     def result(self, parity: dict[str, Any], miou_artifact: float, drop: float,
                speed: dict[str, Any]) -> ExportResult:
-        return ExportResult(target="", precision=self.precision, artifact=self.artifact,
+        return ExportResult(target=self.target, precision=self.precision, artifact=self.artifact,
                             sidecar=sidecar_path(self.artifact), parity=parity, miou_torch=self.miou_torch,
                             miou_artifact=miou_artifact, drop=drop, timings=self.prog.timings,
                             onnx_fp32=self.fp32_path, onnx_parity=self.fp32_parity, onnx_reused=self.reused,

@@ -14,7 +14,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from kdcompress.engine.checkpoint import sha256_file  # noqa: F401  (re-exported for export modules)
+from kdcompress.engine.checkpoint import sha256_file
 from kdcompress.errors import ExportError
 from kdcompress.versions import package_version
 

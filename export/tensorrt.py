@@ -343,7 +343,7 @@ def prepare_int8_qdq(
     is written to ``cache_path``. Returns (a copy inside ``workdir`` to build from, record).
     """
     from kdcompress.engine.checkpoint import atomic_write
-    from kdcompress.export.metadata import sha256_file
+    from kdcompress.engine.checkpoint import sha256_file
     from kdcompress.export.ort_quant import TRT_QDQ_EXTRA_OPTIONS, check_trt_qdq, quantize_int8_trt, verify_int8_onnx
     from kdcompress.export.verify import resolve_tolerances
 

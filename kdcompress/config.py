@@ -324,7 +324,7 @@ def role_train(recipe: Recipe, role: str) -> TrainConfig:
     check_unknown(mc.train, base, f"{role}.train")
     base.update(mc.train)
     t = TrainConfig(**base)
-    check_fields(TrainConfig(**{**asdict(TrainConfig()), **mc.train}), f"{role}.train")  # names the role's key
+    check_fields(t, f"{role}.train")  # recipe.train passed at load: a failure here is the role's own key
     validate_train(t)
     return t
 

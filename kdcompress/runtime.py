@@ -21,6 +21,7 @@ from torch import nn
 from kdcompress.errors import ExportError, KdError, MissingDependencyError
 from kdcompress.registry import Registry
 
+
 def as_batch(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     if x.ndim == 3:
         x = x[None]

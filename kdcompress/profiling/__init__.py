@@ -84,8 +84,9 @@ def profile_target(
 
     kind = classify_target(target)
     backend = backend or _DEFAULT_BACKEND[kind]
-    if backend not in ("torch", "ort", "tensorrt"):
-        raise KdError(f"Unknown backend '{backend}'. Available: torch, ort, tensorrt")
+    runtimes = sorted({b for allowed in ALLOWED_RUNTIMES.values() for b in allowed})
+    if backend not in runtimes:
+        raise KdError(f"Unknown backend '{backend}'. Available: {', '.join(runtimes)}")
     if backend not in ALLOWED_RUNTIMES[kind]:
         hint = {"model": "export it first (kdcompress export --to onnx) and profile the .onnx",
                 "checkpoint": "export it first (kdcompress export --to onnx/tensorrt) and profile the artifact",
