@@ -54,7 +54,12 @@ def one(method: str, teacher: str, student: str, size: tuple[int, int], batch: i
         s_shapes, t_shapes = tap_shapes(s_model, size), tap_shapes(t_model, size)
         meth = build_method(method, s_shapes, t_shapes, k).to(dev)
         taps = list(meth.taps)
-    task = TrainTask(s_model, meth, taps, 255).to(dev).train()
+    from types import SimpleNamespace
+
+    from kdcompress.tasks import task_for
+
+    seg = task_for(SimpleNamespace(num_classes=k, class_names=tuple(map(str, range(k))), ignore_index=255))
+    task = TrainTask(s_model, meth, taps, seg).to(dev).train()
     opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     # Same mixed precision as the trainer: fp16 + GradScaler on CUDA, bf16 on CPUs that run it natively.
     amp_dtype = amp_dtype_for(dev) if amp else None

@@ -15,9 +15,9 @@ def evaluate(
     data: DataName = None, data_root: DataRoot = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate.")] = "val",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 8,
-    max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Evaluate the first N images only.")] = None,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Evaluate N images spread evenly over the split (the same ones export verification uses).")] = None,
     device: Device = None, json_: Json = False, no_progress: NoProgress = False,
-    log_every: Annotated[int, typer.Option("--log-every", min=1, help="Plain progress line every N batches when "
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help="Plain progress line every N images when "
                                            "output is not a terminal.")] = 10,
 ) -> None:
     """Evaluate a checkpoint on a dataset split (defaults: the dataset it was trained on)."""
@@ -32,11 +32,16 @@ def evaluate(
         return
     from rich.table import Table
 
-    table = Table(title=f"{report['arch']} on {report['dataset']}/{report['split']} ({report['images']} images)")
-    table.add_column("class")
-    table.add_column("IoU", justify="right")
-    for name, iou in report["per_class_iou"].items():
-        table.add_row(name, "n/a" if iou is None else f"{100 * iou:.2f}")
-    console.print(table)
-    console.print(f"mIoU [bold]{100 * report['mIoU']:.2f}[/]  aAcc {100 * report['aAcc']:.2f}  "
-                  f"mAcc {100 * report['mAcc']:.2f}  ({report['wall_s']:.1f} s)")
+    from kdcompress.tasks import TASKS
+
+    if report.get("per_class_iou"):
+        table = Table(title=f"{report['arch']} on {report['dataset']}/{report['split']} ({report['images']} images)")
+        table.add_column("class")
+        table.add_column("IoU", justify="right")
+        for name, iou in report["per_class_iou"].items():
+            table.add_row(name, "n/a" if iou is None else f"{100 * iou:.2f}")
+        console.print(table)
+    task = TASKS.get(report["task"])
+    console.print("  ".join((f"{col} [bold]{100 * report[key]:.2f}[/]" if key == task.headline
+                             else f"{col} {100 * report[key]:.2f}") for key, col in task.report_columns)
+                  + f"  ({report['images']} images, {report['wall_s']:.1f} s)")

@@ -33,9 +33,9 @@ def pipeline(
         "pipeline.max_latency_ms": max_latency_ms}))
     out = out or Path("runs") / f"pipeline-{cfg.name}"
     report = run_pipeline(cfg, out, force=force, resume=resume, progress=not no_progress)
-    ev = report["evaluation"]
-    console.print(", ".join(f"{k} mIoU {100 * v['mIoU']:.2f}" for k, v in ev.items()))
+    ev, h = report["evaluation"], report["headline"]
+    console.print(", ".join(f"{report['labels'][k]} {h} {100 * v[h]:.2f}" for k, v in ev.items()))
     for name, e in report["exports"].items():
-        if "drop" in e:
-            console.print(f"{name}: {e['artifact']}  mIoU {100 * e['miou_artifact']:.2f} (drop {100 * e['drop']:+.2f})")
+        if e.get("drop") is not None:
+            console.print(f"{name}: {e['artifact']}  {h} {100 * e['metric_artifact']:.2f} (drop {100 * e['drop']:+.2f})")
     console.print(f"[green]report[/] {out / 'report.md'}  ({report['wall_s']:.0f} s)")

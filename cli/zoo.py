@@ -65,15 +65,16 @@ def registry_lists() -> dict[str, list[str]]:
     from kdcompress.methods import METHODS
     from kdcompress.models import MODELS
     from kdcompress.runtime import RUNNERS
+    from kdcompress.tasks import TASKS
 
-    return {"methods": METHODS.names(), "models": MODELS.names(), "datasets": DATASETS.names(),
+    return {"tasks": TASKS.names(), "methods": METHODS.names(), "models": MODELS.names(), "datasets": DATASETS.names(),
             "export-targets": list(EXPORT_TARGETS), "runtimes": ["torch", *RUNNERS.names()],
             "recipes": list_presets("recipes"), "targets": list_presets("targets")}
 
 
 def list_(
-    kind: Annotated[str, typer.Argument(help="methods, models, datasets, export-targets, runtimes, recipes, targets "
-                                             "or all.")] = "all",
+    kind: Annotated[str, typer.Argument(help="tasks, methods, models, datasets, export-targets, runtimes, recipes, "
+                                             "targets or all.")] = "all",
     json_: Json = False,
 ) -> None:
     """What can be named on the command line, read from the registries."""

@@ -16,36 +16,27 @@ from pathlib import Path
 from typing import Any
 
 from kdcompress.errors import CheckpointError, ExportError
-from kdcompress.export.job import Backend, ExportJob, ExportResult, _Progress, eval_count
 from kdcompress.engine.checkpoint import sha256_file
+from kdcompress.engine.evaluate import Resized, eval_count
+from kdcompress.export.job import Backend, ExportJob, ExportResult, _Progress
 from kdcompress.export.metadata import read_sidecar, sidecar_path
 from kdcompress.export.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from kdcompress.export.ort_quant import build_ort_int8, calibration_images, quantize_int8
 from kdcompress.export.runners import OrtRunner, Runner, TorchRunner, TrtRunner
 from kdcompress.export.tensorrt import _preflight as trt_preflight
 from kdcompress.export.tensorrt import build_engine, build_tensorrt
-from kdcompress.export.verify import (
-    DEFAULT_TOLERANCES,
-    ResizedDataset,
-    StagedArtifact,
-    Tolerances,
-    check_miou_drop,
-    compare_outputs,
-    images_of,
-    miou_of,
-    resolve_tolerances,
-    verify_against,
-)
+from kdcompress.export.verify import StagedArtifact, check_metric_drop, images_of, metrics_of, resolve_tolerances, verify_against
 from kdcompress.registry import Registry
+from kdcompress.tasks import Task, task_from_meta
 
 __all__ = [
     "ExportResult", "ExportJob", "Backend", "BACKENDS", "export_checkpoint", "TARGETS", "export_onnx", "quantize_int8", "build_engine",
-    "Runner", "TorchRunner", "OrtRunner", "TrtRunner", "Tolerances", "DEFAULT_TOLERANCES",
-    "compare_outputs", "verify_against", "miou_of", "read_sidecar", "sidecar_path",
+    "Runner", "TorchRunner", "OrtRunner", "TrtRunner", "verify_against", "metrics_of", "read_sidecar", "sidecar_path",
 ]
 
 #: Export targets by name: one module each (precisions, default, artifact suffix, builder); a new
-#: target is its module plus one line here. Tolerances per precision: ``verify.DEFAULT_TOLERANCES``.
+#: target is its module plus one line here. Tolerances per precision belong to the task
+#: (``kdcompress.tasks``: segmentation's in ``kdcompress/tasks/segmentation.py``).
 BACKENDS: Registry[Backend] = Registry("export target")
 BACKENDS.add("onnx", Backend("onnx", ("fp32",), "fp32", lambda p: ".onnx"))
 BACKENDS.add("ort-int8", Backend("ort-int8", ("int8",), "int8", lambda p: ".int8.onnx", build=build_ort_int8))
@@ -67,7 +58,7 @@ def _check_meta(ckpt: Path, meta: dict[str, Any], need_input_size: bool) -> None
             raise CheckpointError(f"'{ckpt}' metadata '{key}' must hold 3 values (RGB), got {meta[key]!r}. Re-create the checkpoint.")
 
 
-def _datasets(meta: dict[str, Any], data_root: str | Path | None, size: tuple[int, int], split: str) -> ResizedDataset:
+def _datasets(meta: dict[str, Any], data_root: str | Path | None, size: tuple[int, int], split: str, task: Task) -> Resized:
     from kdcompress.data import build_dataset, val_transform
 
     root = data_root if data_root is not None else meta.get("data_root")
@@ -77,7 +68,7 @@ def _datasets(meta: dict[str, Any], data_root: str | Path | None, size: tuple[in
     if k is not None and int(k) != int(meta["num_classes"]):
         raise CheckpointError(f"the checkpoint predicts {meta['num_classes']} classes but dataset '{meta['dataset']}' "
                               f"has {k}. Pass the --data-root of the dataset it was trained on.")
-    return ResizedDataset(ds, size)
+    return Resized(ds, task, size)
 
 
 def _onnx_reusable(path: Path, ckpt_sha: str, size: tuple[int, int], dynamic_batch: bool, dynamic_spatial: bool,
@@ -139,7 +130,7 @@ def export_checkpoint(
     dynamic_spatial: bool = False,
     opset: int = DEFAULT_OPSET,
     precision: str | None = None,
-    tolerances: Tolerances | dict[str, Any] | None = None,
+    tolerances: Any = None,
     verify_images: int = 8,
     max_eval_images: int | None = None,
     calib_images: int = 32,
@@ -152,15 +143,15 @@ def export_checkpoint(
     min_shape: tuple[int, int, int, int] | None = None,
     opt_shape: tuple[int, int, int, int] | None = None,
     max_shape: tuple[int, int, int, int] | None = None,
-    benchmark_iters: int = 20,
 ) -> ExportResult:
     """Export ``ckpt_path`` to ``to`` (onnx | ort-int8 | tensorrt), verify it, write it + sidecar.
 
     Verification runs on the checkpoint's validation split (its dataset, data_root and
     data_options, val transform, images resized to ``input_size``): logits/argmax parity on
     ``verify_images`` evenly spread images, then mIoU of PyTorch and of the artifact on
-    ``max_eval_images`` (None = the whole split). ``tolerances`` overrides the per-precision
-    defaults (:data:`DEFAULT_TOLERANCES`). INT8 calibrates on ``calib_images`` *training*
+    ``max_eval_images`` evenly spread images (None = the whole split; the same images and metric
+    as ``kdcompress evaluate``). ``tolerances`` (a dict or the task's Tolerances) overrides the
+    task's per-precision defaults. INT8 calibrates on ``calib_images`` *training*
     images. Raises KdError subclasses with one-line messages; nothing is left behind on failure.
     """
     if to not in BACKENDS:
@@ -194,12 +185,13 @@ def export_checkpoint(
         if callable(check):
             check(size)  # KdError naming the multiples that work
         ckpt_sha = sha256_file(ckpt)
-        val = _datasets(meta, data_root, size, "val")
+        task = task_from_meta(meta)
+        val = _datasets(meta, data_root, size, "val", task)
         if len(val) == 0:
             raise ExportError(f"the validation split of '{meta['dataset']}' is empty: export cannot be verified. "
                               f"Check --data-root.")
-    tol_fp32 = resolve_tolerances("fp32", tolerances if precision == "fp32" else None)
-    tol = resolve_tolerances(precision, tolerances)
+    tol_fp32 = resolve_tolerances("fp32", tolerances if precision == "fp32" else None, task)
+    tol = resolve_tolerances(precision, tolerances, task)
 
     artifact, fp32_path = _default_paths(ckpt, to, precision, out_path)
     torch_ref = TorchRunner(model, "cpu")
@@ -228,16 +220,17 @@ def export_checkpoint(
     else:
         with StagedArtifact(fp32_path) as staged:  # a failure leaves a previous good file untouched
             with prog.stage("export_onnx", f"export ONNX (opset {opset}, dynamo)"):
-                export_onnx(model, staged.tmp, size, dynamic_batch=dynamic_batch,
-                            dynamic_spatial=dynamic_spatial, opset=opset)
+                export_onnx(model, staged.tmp, size, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial,
+                            opset=opset, input_names=task.input_names, output_names=task.output_names)
             with OrtRunner(staged.tmp) as ort_fp32:
                 with prog.stage("verify_onnx", f"verify ONNX fp32 on {min(verify_images, len(val))} val images"):
-                    fp32_parity = verify_against(torch_ref, ort_fp32, images_of(val, verify_images), tol_fp32)
-                with prog.stage("miou_torch", "mIoU PyTorch"):
-                    miou_torch = miou_of(torch_ref, val, max_images=max_eval_images).miou
-                with prog.stage("miou_onnx", "mIoU ONNX fp32"):
-                    miou_fp32 = miou_of(ort_fp32, val, max_images=max_eval_images).miou
-            drop_fp32 = check_miou_drop(miou_torch, miou_fp32, tol_fp32, f"ONNX fp32 '{fp32_path.name}'")
+                    fp32_parity = verify_against(torch_ref, ort_fp32, images_of(val, verify_images), tol_fp32,
+                                                 task=task)
+                with prog.stage("miou_torch", f"{task.headline} PyTorch"):
+                    miou_torch = metrics_of(torch_ref, val, task, max_eval_images)[task.headline]
+                with prog.stage("miou_onnx", f"{task.headline} ONNX fp32"):
+                    miou_fp32 = metrics_of(ort_fp32, val, task, max_eval_images)[task.headline]
+            drop_fp32 = check_metric_drop(miou_torch, miou_fp32, tol_fp32, task, f"ONNX fp32 '{fp32_path.name}'")
             fp32_parity.update(miou_torch=miou_torch, miou_artifact=miou_fp32, miou_drop=drop_fp32,
                                eval_images=eval_count(val, max_eval_images), eval_config=eval_config, passed=True)
             staged.commit(build_sidecar(staged.tmp, kind="onnx", precision="fp32", opset=opset,
@@ -250,19 +243,20 @@ def export_checkpoint(
                             eval_images=fp32_parity["eval_images"])
 
     if miou_torch is None:
-        with prog.stage("miou_torch", "mIoU PyTorch"):
-            miou_torch = miou_of(torch_ref, val, max_images=max_eval_images).miou
+        with prog.stage("miou_torch", f"{task.headline} PyTorch"):
+            miou_torch = metrics_of(torch_ref, val, task, max_eval_images)[task.headline]
 
     calib: list[Any] = []
     if precision == "int8" and calib_images and calib_images > 0:
         with prog.stage("calibration_data", f"load {calib_images} training images for calibration"):
-            train = _datasets(meta, data_root, size, "train")
+            train = _datasets(meta, data_root, size, "train", task)
             calib = calibration_images(train, calib_images, size)
 
-    job = ExportJob(target=to, ckpt=ckpt, model=model, meta=meta, size=size, val=val, torch_ref=torch_ref, precision=precision,
+    job = ExportJob(target=to, ckpt=ckpt, model=model, meta=meta, task=task, size=size, val=val, torch_ref=torch_ref,
+                    precision=precision,
                     tol=tol, artifact=artifact, fp32_path=fp32_path, fp32_parity=fp32_parity, miou_torch=miou_torch,
                     reused=reused, prog=prog, common=common, eval_config=eval_config, verify_images=verify_images,
-                    max_eval_images=max_eval_images, calib=calib, benchmark_iters=benchmark_iters, opset=opset,
+                    max_eval_images=max_eval_images, calib=calib, opset=opset,
                     options={"workspace_mb": workspace_mb, "timing_cache": timing_cache, "calib_cache": calib_cache,
                              "min_shape": min_shape, "opt_shape": opt_shape, "max_shape": max_shape})
     return backend.build(job)  # type: ignore[misc]  (every target but onnx has a builder)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from kdcompress.engine.evaluate import eval_count
 from kdcompress.export.metadata import sidecar_path
 
 
@@ -32,7 +33,6 @@ class ExportResult:
     onnx_fp32: Path | None = None
     onnx_parity: dict[str, Any] = field(default_factory=dict)  # the fp32 ONNX vs PyTorch (== parity for --to onnx)
     onnx_reused: bool = False
-    speed: dict[str, Any] = field(default_factory=dict)
     eval_images: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -74,11 +74,6 @@ class _Progress:
             self.console.print(text)
 
 
-def eval_count(ds: Any, max_images: int | None) -> int:
-    """How many validation images an mIoU is computed on (``None``: the whole split)."""
-    return len(ds) if max_images is None else min(len(ds), int(max_images))
-
-
 @dataclass
 class ExportJob:
     """The checked, shared part of one export; a backend builds and verifies ``artifact`` from it."""
@@ -87,11 +82,12 @@ class ExportJob:
     ckpt: Path
     model: Any
     meta: dict[str, Any]
+    task: Any  # kdcompress.tasks.Task: metric, parity and tolerances
     size: tuple[int, int]
     val: Any  # validation split resized to ``size``
     torch_ref: Any  # the PyTorch runner every artifact is compared with (CPU)
     precision: str
-    tol: Any  # Tolerances for ``precision``
+    tol: Any  # the task's Tolerances for ``precision``
     artifact: Path
     fp32_path: Path
     fp32_parity: dict[str, Any]
@@ -103,20 +99,18 @@ class ExportJob:
     verify_images: int
     max_eval_images: int | None
     calib: list[Any]
-    benchmark_iters: int
     opset: int
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific (TensorRT: workspace, shapes, caches)
 
     def eval_images(self) -> int:
         return eval_count(self.val, self.max_eval_images)
 
-    def result(self, parity: dict[str, Any], miou_artifact: float, drop: float,
-               speed: dict[str, Any]) -> ExportResult:
+    def result(self, parity: dict[str, Any], miou_artifact: float, drop: float) -> ExportResult:
         return ExportResult(target=self.target, precision=self.precision, artifact=self.artifact,
                             sidecar=sidecar_path(self.artifact), parity=parity, miou_torch=self.miou_torch,
                             miou_artifact=miou_artifact, drop=drop, timings=self.prog.timings,
                             onnx_fp32=self.fp32_path, onnx_parity=self.fp32_parity, onnx_reused=self.reused,
-                            speed=speed, eval_images=parity["eval_images"])
+                            eval_images=parity["eval_images"])
 
 
 @dataclass(frozen=True)

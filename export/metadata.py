@@ -51,27 +51,6 @@ def versions() -> dict[str, str | None]:
     }
 
 
-def io_spec(input_size: tuple[int, int], num_classes: int, dynamic_batch: bool,
-            dynamic_spatial: bool) -> dict[str, Any]:
-    """Names, shapes (symbolic where dynamic) and dtypes of the graph's input and output."""
-    h, w = int(input_size[0]), int(input_size[1])
-    b: int | str = "batch" if dynamic_batch else 1
-    hh: int | str = "height" if dynamic_spatial else h
-    ww: int | str = "width" if dynamic_spatial else w
-    axes: dict[str, str] = {}
-    if dynamic_batch:
-        axes["0"] = "batch"
-    if dynamic_spatial:
-        axes.update({"2": "height", "3": "width"})
-    return {
-        "input": {"name": "input", "shape": [b, 3, hh, ww], "dtype": "float32", "layout": "NCHW",
-                  "meaning": "RGB image normalised exactly like kdcompress's val transform with normalization.mean/std"},
-        "output": {"name": "logits", "shape": [b, int(num_classes), hh, ww], "dtype": "float32",
-                   "meaning": "per-class logits at input resolution; argmax over axis 1 gives the label map"},
-        "dynamic_axes": {"input": dict(axes), "logits": dict(axes)},
-    }
-
-
 def build_sidecar(
     artifact: str | Path,
     *,
@@ -88,7 +67,10 @@ def build_sidecar(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a deployer needs to feed the artifact and trust its output."""
+    from kdcompress.tasks import task_from_meta
+
     artifact = Path(artifact)
+    task = task_from_meta(meta)
     num_classes = int(meta["num_classes"])
     names = meta.get("class_names") or [str(i) for i in range(num_classes)]
     data: dict[str, Any] = {
@@ -96,6 +78,7 @@ def build_sidecar(
         "artifact": artifact.name,
         "artifact_sha256": sha256_file(artifact) if artifact.is_file() else None,
         "kind": kind,
+        "task": task.name,
         "precision": precision,
         "opset": opset,
         "arch": meta.get("arch"),
@@ -105,7 +88,7 @@ def build_sidecar(
         "ignore_index": meta.get("ignore_index"),
         "dataset": meta.get("dataset"),
         "input_size": [int(input_size[0]), int(input_size[1])],
-        **io_spec(input_size, num_classes, dynamic_batch, dynamic_spatial),
+        **task.io_spec(input_size, dynamic_batch, dynamic_spatial),
         "normalization": {"mean": list(meta.get("mean") or []), "std": list(meta.get("std") or [])},
         "source_checkpoint": {
             "path": str(Path(checkpoint).resolve()) if checkpoint else None,

@@ -10,7 +10,7 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -57,8 +57,11 @@ def export_onnx(
     dynamic_spatial: bool = False,
     opset: int = DEFAULT_OPSET,
     simplify: bool = True,
+    input_names: Sequence[str] = (INPUT_NAME,),
+    output_names: Sequence[str] = (OUTPUT_NAME,),
 ) -> Path:
-    """Export ``model`` alone (eval mode, fp32) to ``out_path``; input ``input``, output ``logits``.
+    """Export ``model`` alone (eval mode, fp32) to ``out_path``; I/O names from the task
+    (segmentation: input ``input``, output ``logits``).
 
     Spatial axes are static by default because TensorRT/ORT optimise fixed shapes much better
     and the models need sizes that are multiples of their output stride anyway.
@@ -88,7 +91,7 @@ def export_onnx(
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model, (example,), dynamo=True, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                input_names=list(input_names), output_names=list(output_names),
                 dynamic_shapes=(dims,) if dims else None, external_data=False, verbose=False,
             )
         proto = program.model_proto
@@ -112,9 +115,9 @@ def export_onnx(
         _check(proto, "simplified")
     names_in = [i.name for i in proto.graph.input]
     names_out = [o.name for o in proto.graph.output]
-    if names_in != [INPUT_NAME] or names_out != [OUTPUT_NAME]:
+    if names_in != list(input_names) or names_out != list(output_names):
         raise ExportError(f"exported graph has inputs {names_in} / outputs {names_out}, expected "
-                          f"['{INPUT_NAME}'] / ['{OUTPUT_NAME}']: the model must take one image tensor and return logits.")
+                          f"{list(input_names)} / {list(output_names)}: the model's outputs do not match its task.")
 
     from kdcompress.engine.checkpoint import atomic_write
 

@@ -54,12 +54,18 @@ def make_calibration_reader(images: Sequence[np.ndarray], input_name: str = "inp
 
 def calibration_images(dataset: Any, n: int, size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """``n`` evenly spread, normalised images of ``dataset`` resized to ``size`` (1 x 3 x H x W)."""
-    from kdcompress.export.verify import ResizedDataset, images_of
+    import torch
+    import torch.nn.functional as F
+
+    from kdcompress.export.verify import images_of
 
     if n is None or n <= 0:
         raise ExportError(f"calibration set is empty: --calib-images must be >= 1 (got {n}).")
-    ds = ResizedDataset(dataset, size)
-    imgs = list(images_of(ds, n))
+    imgs = []
+    for img in images_of(dataset, n):
+        if size is not None and tuple(img.shape[-2:]) != tuple(size):  # labels are not needed to calibrate
+            img = F.interpolate(torch.from_numpy(img), size=tuple(size), mode="bilinear", align_corners=False).numpy()
+        imgs.append(img)
     if not imgs:
         raise ExportError("calibration set is empty: the training split has no images. "
                           "Point --data-root at the dataset the model was trained on.")
@@ -359,7 +365,8 @@ def _val_split_of(side: dict[str, Any] | None) -> tuple[Any, dict[str, Any]] | t
     if not ec or parity.get("miou_torch") is None or not side.get("dataset"):
         return None, "the fp32 ONNX sidecar records no evaluation set / PyTorch mIoU"
     from kdcompress.data import build_dataset, val_transform
-    from kdcompress.export.verify import ResizedDataset
+    from kdcompress.engine.evaluate import Resized
+    from kdcompress.tasks import task_for
 
     root = ec.get("data_root")
     root = None if root in (None, "None", "") else root
@@ -371,7 +378,22 @@ def _val_split_of(side: dict[str, Any] | None) -> tuple[Any, dict[str, Any]] | t
     except KdError as e:
         return None, f"its validation split is unavailable here ({str(e)[:120]})"
     size = ec.get("input_size") or side.get("input_size")
-    return ResizedDataset(ds, tuple(size) if size else None), ec
+    return Resized(ds, task_for(ds.info), tuple(size) if size else None), ec
+
+
+def task_of_onnx(onnx_path: str | Path) -> Any:
+    """The task an ONNX file was exported for, from its sidecar (segmentation when it has none).
+
+    Without a sidecar there are no labels, only output parity, so any label space will do."""
+    from kdcompress.export.metadata import read_sidecar
+    from kdcompress.tasks import task_from_meta
+
+    try:
+        side = read_sidecar(onnx_path, required=False) or {}
+    except ExportError:
+        side = {}
+    return task_from_meta({"num_classes": side.get("num_classes") or 1, "task": side.get("task", "segmentation"),
+                           "class_names": side.get("class_names")})
 
 
 def verify_int8_onnx(
@@ -392,32 +414,33 @@ def verify_int8_onnx(
     """
     from kdcompress.export.metadata import read_sidecar
     from kdcompress.export.runners import OrtRunner
-    from kdcompress.export.verify import check_miou_drop, images_of, miou_of, resolve_tolerances, verify_against
+    from kdcompress.export.verify import check_metric_drop, images_of, metrics_of, resolve_tolerances, verify_against
 
-    tol = resolve_tolerances("int8", tolerances)
     try:
         side = read_sidecar(fp32_onnx, required=False)
     except ExportError:
         side = None
     val, ec = _val_split_of(side)
+    task = val.task if val is not None else task_of_onnx(fp32_onnx)
+    tol = resolve_tolerances("int8", tolerances, task)
     # "basic": ORT keeps the Q/DQ pairs as float fake-quantisation instead of fusing them into its own
     # int8 kernels, whose AVX2 (non-VNNI) S8S8 path saturates (argmax agreement 0.883 vs 0.973 on the
     # tiny test model, Zen 2): what TensorRT computes with int32 accumulation is the float simulation.
     with OrtRunner(fp32_onnx) as ref, OrtRunner(candidate, optimization_level="basic") as cand:
         if val is not None:
             n = int((side or {}).get("parity", {}).get("images") or 8)
-            report = verify_against(ref, cand, images_of(val, n), tol)
+            report = verify_against(ref, cand, images_of(val, n), tol, task=task)
             miou_ref = float(side["parity"]["miou_torch"])  # type: ignore[index]
             max_eval = ec.get("max_eval_images")  # type: ignore[union-attr]
-            miou = miou_of(cand, val, max_images=max_eval).miou
-            drop = check_miou_drop(miou_ref, miou, tol, what)
+            miou = metrics_of(cand, val, task, max_eval)[task.headline]
+            drop = check_metric_drop(miou_ref, miou, tol, task, what)
             report.update(images_from="validation split (fp32 ONNX sidecar)", miou_torch=miou_ref, miou_artifact=miou,
                           miou_drop=drop, eval_images=len(val) if max_eval is None else min(len(val), int(max_eval)))
         else:
             imgs = list(calib_images)[:8]
             if not imgs:
                 raise ExportError(f"cannot verify the {what}: {ec} and no images were given.")
-            report = verify_against(ref, cand, imgs, tol)
+            report = verify_against(ref, cand, imgs, tol, task=task)
             report.update(images_from=f"calibration images ({ec}; mIoU not checked)", miou_drop=None)
     report["passed"] = True
     report["runtime"] = "onnxruntime CPUExecutionProvider, basic optimisation (Q/DQ simulated in float)"
@@ -429,40 +452,25 @@ def verify_int8_onnx(
 def build_ort_int8(job: Any) -> Any:
     """Quantize the verified fp32 ONNX (static QDQ) and verify the INT8 model against PyTorch."""
     from kdcompress.export.metadata import build_sidecar
-    from kdcompress.export.verify import StagedArtifact, check_miou_drop, images_of, miou_of, verify_against
+    from kdcompress.export.verify import StagedArtifact, check_metric_drop, images_of, metrics_of, verify_against
     from kdcompress.runtime import OrtRunner
 
-    prog, tol = job.prog, job.tol
+    prog, tol, task = job.prog, job.tol, job.task
     with StagedArtifact(job.artifact) as staged:
         with prog.stage("quantize", f"quantize INT8 (QDQ, per-channel, {len(job.calib)} calibration images)"):
             quantize_int8(job.fp32_path, staged.tmp, job.calib)
         with OrtRunner(staged.tmp) as art_runner:
             with prog.stage("verify_artifact", "verify INT8 against PyTorch"):
-                parity = verify_against(job.torch_ref, art_runner, images_of(job.val, job.verify_images), tol)
-            with prog.stage("miou_artifact", "mIoU INT8"):
-                miou_art = miou_of(art_runner, job.val, max_images=job.max_eval_images).miou
-            drop = check_miou_drop(job.miou_torch, miou_art, tol, f"INT8 '{job.artifact.name}'")
-            with prog.stage("benchmark", "CPU latency ONNX fp32 vs INT8"), OrtRunner(job.fp32_path) as ort_fp32:
-                speed = compare_speed(ort_fp32, art_runner, job.size, job.benchmark_iters, "onnx_fp32", "int8")
+                parity = verify_against(job.torch_ref, art_runner, images_of(job.val, job.verify_images), tol,
+                                        task=task)
+            with prog.stage("miou_artifact", f"{task.headline} INT8"):
+                miou_art = metrics_of(art_runner, job.val, task, job.max_eval_images)[task.headline]
+            drop = check_metric_drop(job.miou_torch, miou_art, tol, task, f"INT8 '{job.artifact.name}'")
         extra = {"calibration": {"split": "train", "images": len(job.calib), "method": "minmax",
                                  "format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8"},
-                 "source_onnx": job.fp32_path.name, "speed": speed}
+                 "source_onnx": job.fp32_path.name}
         parity.update(miou_torch=job.miou_torch, miou_artifact=miou_art, miou_drop=drop,
                       eval_images=job.eval_images(), eval_config=job.eval_config, passed=True)
         staged.commit(build_sidecar(staged.tmp, kind="ort-int8", precision=job.precision, opset=job.opset,
                                     parity=parity, extra=extra, **job.common))
-    return job.result(parity, miou_art, drop, speed)
-
-
-def compare_speed(ref: Any, cand: Any, size: tuple[int, int], iters: int, ref_name: str,
-                  cand_name: str) -> dict[str, Any]:
-    """Batch-1 CPU latency of two ORT sessions on the same input (median of ``iters``)."""
-    from kdcompress.profiling.latency import measure_latency
-
-    if iters < 1:
-        return {}
-    x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
-    a = measure_latency(lambda: ref.infer(x), warmup=3, iters=iters)
-    b = measure_latency(lambda: cand.infer(x), warmup=3, iters=iters)
-    return {f"{ref_name}_median_ms": a["median_ms"], f"{cand_name}_median_ms": b["median_ms"],
-            "speedup": a["median_ms"] / b["median_ms"], "iters": iters, "batch": 1, "device": "cpu"}
+    return job.result(parity, miou_art, drop)

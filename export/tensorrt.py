@@ -344,10 +344,12 @@ def prepare_int8_qdq(
     """
     from kdcompress.engine.checkpoint import atomic_write
     from kdcompress.engine.checkpoint import sha256_file
-    from kdcompress.export.ort_quant import TRT_QDQ_EXTRA_OPTIONS, check_trt_qdq, quantize_int8_trt, verify_int8_onnx
+    from kdcompress.export.ort_quant import (TRT_QDQ_EXTRA_OPTIONS, check_trt_qdq, quantize_int8_trt, task_of_onnx,
+                                             verify_int8_onnx)
     from kdcompress.export.verify import resolve_tolerances
 
-    tol = resolve_tolerances("int8", tolerances)
+    task = task_of_onnx(fp32_onnx)
+    tol = resolve_tolerances("int8", tolerances, task)
     fp32_onnx, workdir = Path(fp32_onnx), Path(workdir)
     cache = Path(cache_path) if cache_path else None
     src_sha = sha256_file(fp32_onnx)
@@ -360,7 +362,7 @@ def prepare_int8_qdq(
                       "implicit INT8 calibration was removed)")
         elif rec.get("source_onnx_sha256") != src_sha:
             reason = "was quantised from another fp32 ONNX"
-        elif not (rec.get("verification") or {}).get("passed") or rec.get("tolerances") != _tol_dict(tol):
+        elif not (rec.get("verification") or {}).get("passed") or rec.get("tolerances") != task.tolerance_dict(tol):
             reason = "was verified with other tolerances"
         else:
             problems = check_trt_qdq(cache)
@@ -390,19 +392,13 @@ def prepare_int8_qdq(
                      "calibrate_method": "minmax", "extra_options": dict(TRT_QDQ_EXTRA_OPTIONS)},
         "calibration_images": len(images),
         "graph_check": {"problems": problems, "passed": not problems},
-        "tolerances": _tol_dict(tol),
+        "tolerances": task.tolerance_dict(tol),
         "verification": verification,
     }
     _stamp_qdq(staged, build_copy, record)
     if cache is not None:
         atomic_write(cache, lambda tmp: shutil.copyfile(build_copy, tmp))
     return build_copy, {**record, "path": str(cache) if cache else None, "reused": False}
-
-
-def _tol_dict(tol: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(tol)
 
 
 def _fast_precision_supported(precision: str) -> bool:
@@ -579,9 +575,9 @@ def build_tensorrt(job: Any) -> Any:
     """
     from kdcompress.export.metadata import build_sidecar, sidecar_path, write_sidecar
     from kdcompress.export.runners import TorchRunner, TrtRunner
-    from kdcompress.export.verify import ArtifactGuard, check_miou_drop, images_of, miou_of, verify_against
+    from kdcompress.export.verify import ArtifactGuard, check_metric_drop, images_of, metrics_of, verify_against
 
-    prog, tol, precision, opts = job.prog, job.tol, job.precision, job.options
+    prog, tol, precision, opts, task = job.prog, job.tol, job.precision, job.options, job.task
     artifact = job.artifact
     trt_cache = None
     if precision == "int8":
@@ -604,39 +600,16 @@ def build_tensorrt(job: Any) -> Any:
         with TrtRunner(artifact) as art_runner:
             torch_cuda = TorchRunner(job.model, "cuda")
             with prog.stage("verify_artifact", f"verify TensorRT {precision} against PyTorch"):
-                parity = verify_against(torch_cuda, art_runner, images_of(job.val, job.verify_images), tol)
-            with prog.stage("miou_artifact", f"mIoU TensorRT {precision}"):
-                miou_art = miou_of(art_runner, job.val, max_images=job.max_eval_images).miou
-            drop = check_miou_drop(job.miou_torch, miou_art, tol, f"TensorRT {precision} '{artifact.name}'")
-            with prog.stage("benchmark", "GPU latency PyTorch vs TensorRT"):
-                speed = _compare_speed_cuda(job.model, art_runner, job.size, job.benchmark_iters, precision)
-        extra["speed"] = speed
+                parity = verify_against(torch_cuda, art_runner, images_of(job.val, job.verify_images), tol,
+                                        task=task)
+            with prog.stage("miou_artifact", f"{task.headline} TensorRT {precision}"):
+                miou_art = metrics_of(art_runner, job.val, task, job.max_eval_images)[task.headline]
+            drop = check_metric_drop(job.miou_torch, miou_art, tol, task, f"TensorRT {precision} '{artifact.name}'")
         parity.update(miou_torch=job.miou_torch, miou_artifact=miou_art, miou_drop=drop,
                       eval_images=job.eval_images(), eval_config=job.eval_config, passed=True)
         write_sidecar(artifact, build_sidecar(artifact, kind="tensorrt", precision=precision, opset=job.opset,
                                               parity=parity, extra=extra, **job.common))
-    return job.result(parity, miou_art, drop, speed)
-
-
-def _compare_speed_cuda(model: Any, runner: Any, size: tuple[int, int], iters: int, precision: str) -> dict[str, Any]:
-    """Batch-1 GPU latency of eager PyTorch fp32 vs the engine (CUDA events, synchronised)."""
-    import torch
-
-    from kdcompress.profiling.latency import measure_latency
-
-    if iters < 1:
-        return {}
-    x = torch.randn(1, 3, *size, device="cuda")
-    model = model.to("cuda").eval()
-
-    def torch_fn() -> Any:
-        with torch.inference_mode():
-            return model(x)
-
-    a = measure_latency(torch_fn, warmup=5, iters=iters, device="cuda")
-    b = measure_latency(lambda: runner.infer_torch(x), warmup=5, iters=iters, device="cuda")
-    return {"torch_fp32_median_ms": a["median_ms"], f"tensorrt_{precision}_median_ms": b["median_ms"],
-            "speedup": a["median_ms"] / b["median_ms"], "iters": iters, "batch": 1, "device": "cuda"}
+    return job.result(parity, miou_art, drop)
 
 
 def _preflight() -> None:

@@ -75,6 +75,9 @@ class DistillConfig:
     # ramp the distillation weight 0 -> 1 over a fraction of the schedule (< 1) or a step count (>= 1);
     # None: the method's own default (DistillMethod.default_warmup)
     warmup: float | None = None
+    # ACAM-KD's "inheritance": student modules under these prefixes start from the teacher's weights
+    # wherever name and shape match (e.g. [head]; detectors: [neck, head]); [] = off
+    inherit: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 from kdcompress.engine.checkpoint import atomic_write, atomic_write_text
 
 
-def _curve(log: str | None) -> tuple[list[int], list[float], list[int], list[float]]:
+def _curve(log: str | None, headline: str) -> tuple[list[int], list[float], list[int], list[float]]:
     steps, loss, vsteps, miou = [], [], [], []
     if not log or not Path(log).is_file():
         return steps, loss, vsteps, miou
@@ -19,7 +19,7 @@ def _curve(log: str | None) -> tuple[list[int], list[float], list[int], list[flo
         d = json.loads(line)
         if "val" in d:
             vsteps.append(d["step"])
-            miou.append(d["val"]["mIoU"])
+            miou.append(d["val"][headline])
         elif "task" in d:
             steps.append(d["step"])
             loss.append(d["task"])
@@ -41,34 +41,37 @@ def _plots(out: Path, report: dict[str, Any]) -> dict[str, str]:
         plt.close(fig)
         files[name[:-4]] = f"plots/{name}"
 
+    h, labels = report["headline"], report["labels"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for label, key in (("teacher", "teacher"), ("student (plain)", "baseline"), ("student (distilled)", "student")):
+    for key in report["evaluation"]:
         rec = report.get(key) or {}
-        s, loss, vs, m = _curve(rec.get("log"))
+        s, loss, vs, m = _curve(rec.get("log"), h)
         if s:
-            a1.plot(s, loss, label=label)
+            a1.plot(s, loss, label=labels[key])
         if vs:
-            a2.plot(vs, m, marker="o", label=label)
-    a1.set(xlabel="step", ylabel="task loss (CE)", title="training loss")
-    a2.set(xlabel="step", ylabel="val mIoU", title="validation mIoU")
+            a2.plot(vs, m, marker="o", label=labels[key])
+    a1.set(xlabel="step", ylabel="task loss", title="training loss")
+    a2.set(xlabel="step", ylabel=f"val {h}", title=f"validation {h}")
     a1.legend(), a2.legend()
     save(fig, "training_curves.png")
 
     ev = report["evaluation"]
-    names = list(next(iter(ev.values()))["per_class_iou"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 3.5))
-    width = 0.8 / len(ev)
-    for i, (label, res) in enumerate(ev.items()):
-        vals = [res["per_class_iou"][n] or 0.0 for n in names]
-        ax.bar([j + i * width for j in range(len(names))], vals, width, label=label)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=45, ha="right")
-    ax.set(ylabel="IoU", title="per-class IoU (validation)")
-    ax.legend()
-    save(fig, "per_class_iou.png")
+    per_class = next(iter(ev.values())).get("per_class_iou")
+    if per_class:  # segmentation's per-class table
+        names = list(per_class)
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 3.5))
+        width = 0.8 / len(ev)
+        for i, (key, res) in enumerate(ev.items()):
+            vals = [res["per_class_iou"][n] or 0.0 for n in names]
+            ax.bar([j + i * width for j in range(len(names))], vals, width, label=labels[key])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=45, ha="right")
+        ax.set(ylabel="IoU", title="per-class IoU (validation)")
+        ax.legend()
+        save(fig, "per_class_iou.png")
 
     rows = report["profile"]
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
-    ax.barh([r["label"] for r in rows], [r["latency_ms"]["median_ms"] for r in rows])
+    ax.barh([labels.get(r["label"], r["label"]) for r in rows], [r["latency_ms"]["median_ms"] for r in rows])
     ax.invert_yaxis()
     ax.set(xlabel="median latency (ms)", title=f"latency per backend ({rows[0]['device']}, batch {rows[0]['batch']}, "
                                                  f"{rows[0]['input_size'][0]}x{rows[0]['input_size'][1]})")
@@ -81,34 +84,40 @@ def _pct(v: Any) -> str:
 
 
 def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
-    ev = report["evaluation"]
+    from kdcompress.tasks import TASKS
+
+    ev, h, labels = report["evaluation"], report["headline"], report["labels"]
+    columns = TASKS.get(report["task"]).report_columns
     lines = [f"# kdcompress pipeline report: {report['recipe']}", "",
              f"Run folder `{report['run']}`, total wall time {report['wall_s']:.0f} s.", "",
-             "## Accuracy (validation split)", "", "| model | arch | mIoU | aAcc | mAcc |", "|---|---|---|---|---|"]
-    for label, res in ev.items():
-        lines.append(f"| {label} | {res['arch']} | {_pct(res['mIoU'])} | {_pct(res['aAcc'])} | {_pct(res['mAcc'])} |")
-    t, s = ev.get("teacher"), ev.get("student (distilled)")
-    b = ev.get("student (plain)")
+             "## Accuracy (validation split)", "",
+             "| model | arch | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for key, res in ev.items():
+        lines.append(f"| {labels[key]} | {res['arch']} | " + " | ".join(_pct(res.get(k)) for k, _ in columns) + " |")
+    t, s, b = ev.get("teacher"), ev.get("student"), ev.get("baseline")
     if t and s and b:
-        gap = t["mIoU"] - b["mIoU"]
-        rec = (s["mIoU"] - b["mIoU"]) / gap if gap > 0 else float("nan")
-        lines += ["", f"Distillation gain over the plain student: {100 * (s['mIoU'] - b['mIoU']):+.2f} mIoU points "
+        gap = t[h] - b[h]
+        rec = (s[h] - b[h]) / gap if gap > 0 else float("nan")
+        lines += ["", f"Distillation gain over the plain student: {100 * (s[h] - b[h]):+.2f} {h} points "
                       f"({100 * rec:.0f} % of the teacher–student gap)."]
-    names = list(next(iter(ev.values()))["per_class_iou"])
-    lines += ["", "### Per-class IoU", "", "| class | " + " | ".join(ev) + " |", "|---" * (len(ev) + 1) + "|"]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(_pct(r["per_class_iou"][n]) for r in ev.values()) + " |")
-    lines += ["", "## Exports (verified against PyTorch)", "",
-              "| artifact | precision | max abs Δ logits | argmax agreement | mIoU PyTorch | mIoU artifact | drop |",
+    per_class = next(iter(ev.values())).get("per_class_iou")
+    if per_class:
+        lines += ["", "### Per-class IoU", "", "| class | " + " | ".join(labels[k] for k in ev) + " |",
+                  "|---" * (len(ev) + 1) + "|"]
+        for n in per_class:
+            lines.append(f"| {n} | " + " | ".join(_pct(r["per_class_iou"][n]) for r in ev.values()) + " |")
+    lines += ["", f"## Exports (verified against PyTorch on the same {ev['student'].get('images', '')} images as above)", "",
+              f"| artifact | precision | max abs Δ outputs | agreement | {h} PyTorch | {h} artifact | drop |",
               "|---|---|---|---|---|---|---|"]
     for name, e in report["exports"].items():
-        if "skipped" in e:
+        if e.get("skipped"):
             lines.append(f"| {name} | skipped: {e['skipped']} | | | | | |")
             continue
-        ma = "n/a" if e.get("max_abs") is None else f"{e['max_abs']:.2e}"
-        ag = "n/a" if e.get("argmax_agreement") is None else f"{e['argmax_agreement']:.5f}"
-        lines.append(f"| `{Path(e['artifact']).name}` | {e['precision']} | {ma} | {ag} | {_pct(e['miou_torch'])} | "
-                     f"{_pct(e['miou_artifact'])} | {100 * e['drop']:+.2f} |")
+        par = e.get("parity") or {}
+        ma = "n/a" if par.get("max_abs") is None else f"{par['max_abs']:.2e}"
+        ag = "n/a" if par.get("argmax_agreement") is None else f"{par['argmax_agreement']:.5f}"
+        lines.append(f"| `{Path(e['artifact']).name}` | {e['precision']} | {ma} | {ag} | {_pct(e['metric_torch'])} | "
+                     f"{_pct(e['metric_artifact'])} | {100 * e['drop']:+.2f} |")
     rows = report["profile"]
     r0 = rows[0]
     lines += ["", f"## Efficiency (batch {r0['batch']}, {r0['input_size'][0]}x{r0['input_size'][1]}, {r0['device']})", "",
@@ -118,7 +127,7 @@ def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         lat = r["latency_ms"]
         gm = "n/a" if r.get("gmacs") is None else f"{r['gmacs']:.2f}"
         mem = "n/a" if r.get("memory_mb") is None else f"{r['memory_mb']:.0f}"
-        lines.append(f"| {r['label']} | {r['backend']} {r.get('precision') or ''} | {r['params_m']:.2f} | {gm} | {mem} | "
+        lines.append(f"| {labels.get(r['label'], r['label'])} | {r['backend']} {r.get('precision') or ''} | {r['params_m']:.2f} | {gm} | {mem} | "
                      f"{lat['median_ms']:.2f} / {lat['p90_ms']:.2f} / {lat['p99_ms']:.2f} | {r['fps']:.1f} |")
     lines += ["", "GMACs are multiply-accumulates (the papers' \"FLOPs\"); GFLOPs = 2 × GMACs.",
               f"Environment: `{json.dumps(r0.get('env', {}))}`"]

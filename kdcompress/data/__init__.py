@@ -50,6 +50,8 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     ignore_index: int = IGNORE_INDEX
     palette: tuple[tuple[int, int, int], ...] | None = None
+    task: str = "segmentation"  # a name in kdcompress.tasks.TASKS
+    image_size: tuple[int, int] | None = None  # (H, W) every image has, when the dataset fixes one
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.num_classes:

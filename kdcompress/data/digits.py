@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,12 @@ RIM = 0.3
 PLACEMENT_TRIES = 4  # candidate positions per digit; the least-occluding one wins
 DEFAULTS: dict[str, int] = {"image_size": 96, "num_train": 1000, "num_val": 200, "max_digits": 6, "seed": 0}
 _LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def digits_info(image_size: int | None = None, **_: Any) -> DatasetInfo:
+    """Digits scenes are square and all one size: export and evaluation then see the same images."""
+    s = int(image_size or DEFAULTS["image_size"])
+    return replace(DIGITS_INFO, image_size=(s, s))
 
 
 def cache_dir() -> Path:
@@ -276,7 +283,7 @@ def ensure_digits(root: Path | None = None, image_size: int = 96, num_train: int
     return target
 
 
-@register_dataset("digits", DIGITS_INFO)
+@register_dataset("digits", digits_info)
 def build_digits(root: PathLike | None, split: str, transform: Transform | None = None,
                  image_size: int | None = None, num_train: int | None = None, num_val: int | None = None,
                  max_digits: int | None = None, seed: int | None = None) -> VOCSegmentation:
@@ -299,4 +306,5 @@ def build_digits(root: PathLike | None, split: str, transform: Transform | None 
     elif not (folder / "JPEGImages").is_dir():
         raise DataError(f"'{folder}' is neither empty nor a digits/VOC-layout dataset; pass an empty folder or "
                         f"leave root unset to use the cache")
-    return VOCSegmentation(folder, split, transform, info=DIGITS_INFO)
+    size = ((_read_marker(folder) or {}).get("options") or {}).get("image_size", given.get("image_size"))
+    return VOCSegmentation(folder, split, transform, info=digits_info(size))

@@ -11,6 +11,7 @@ from kdcompress.engine.checkpoint import load_model
 from kdcompress.engine.distributed import resolve_device
 from kdcompress.engine.evaluate import evaluate_model
 from kdcompress.errors import KdError
+from kdcompress.tasks import task_for
 
 
 def checkpoint_dataset(meta: dict[str, Any], source: str, data: str | None, data_root: str | Path | None,
@@ -28,6 +29,7 @@ def checkpoint_dataset(meta: dict[str, Any], source: str, data: str | None, data
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_root: str | Path | None = None,
                         split: str = "val", batch_size: int = 8, max_images: int | None = None,
                         device: str = "auto", progress: bool = True, log_every: int = 10) -> dict[str, Any]:
+    """The task's metrics of a checkpoint on ``max_images`` evenly spread images of ``split``."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
@@ -35,11 +37,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_ro
                             val_transform(tuple(meta.get("mean", (0.485, 0.456, 0.406))),
                                           tuple(meta.get("std", (0.229, 0.224, 0.225)))))
     name = data or meta["dataset"]
+    ckpt_task = meta.get("task", "segmentation")
+    if ds.info.task != ckpt_task:
+        raise KdError(f"'{checkpoint}' is a {ckpt_task} checkpoint but dataset '{name}' is a {ds.info.task} dataset. "
+                      f"Evaluate it on a {ckpt_task} dataset.")
     if ds.info.num_classes != int(meta["num_classes"]):
         raise KdError(f"'{checkpoint}' predicts {meta['num_classes']} classes but dataset '{name}' has "
                       f"{ds.info.num_classes}. Evaluate it on the dataset it was trained on.")
-    res = evaluate_model(model, ds, ds.info.num_classes, ds.info.ignore_index, batch_size, dev, max_images,
+    task = task_for(ds.info)
+    res = evaluate_model(model, ds, task, batch_size=batch_size, device=dev, max_images=max_images,
                          progress=progress, log_every=log_every)
-    n = len(ds) if max_images is None else min(len(ds), max_images)
-    return {"checkpoint": str(checkpoint), "arch": meta["arch"], "dataset": name, "split": split, "images": n,
-            **res.as_dict(ds.info.class_names), "wall_s": time.perf_counter() - t0}
+    return {"checkpoint": str(checkpoint), "arch": meta["arch"], "task": task.name, "dataset": name,
+            "split": split, **res, "wall_s": time.perf_counter() - t0}

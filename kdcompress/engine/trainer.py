@@ -24,13 +24,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import kdcompress
 from kdcompress.config import DataConfig, Recipe, TrainConfig, role_train, to_yaml
-from kdcompress.data import build_dataset, dataset_info, seg_collate, train_transform, val_transform
+from kdcompress.data import build_dataset, dataset_info, train_transform, val_transform
 from kdcompress.engine import distributed as dist_utils
 from kdcompress.engine.checkpoint import (
     load_model,
@@ -44,6 +43,7 @@ from kdcompress.engine.evaluate import evaluate_model
 from kdcompress.errors import ConfigError, KdError, NonFiniteLossError
 from kdcompress.models import build_model, resolve_model_name
 from kdcompress.taps import record, tap_shapes
+from kdcompress.tasks import Task, task_for
 from kdcompress.progress import PlainProgress, is_tty
 
 MODEL_FILE = "model.pt"
@@ -174,21 +174,19 @@ def build_optimizer(params: list[nn.Parameter], t: TrainConfig) -> torch.optim.O
 class TrainTask(nn.Module):
     """Student (+ distillation method) as one module so DDP syncs both; returns named loss terms."""
 
-    def __init__(self, student: nn.Module, method: nn.Module | None, taps: list[str], ignore_index: int) -> None:
+    def __init__(self, student: nn.Module, method: nn.Module | None, taps: list[str], task: Task) -> None:
         super().__init__()
         self.student, self.method = student, method
-        self.taps, self.ignore_index = taps, ignore_index
+        self.taps, self.task_def = taps, task
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+    def forward(self, images: torch.Tensor, targets: Any,
                 teacher_feats: dict[str, torch.Tensor] | None,
                 keep_feats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Named loss terms; ``keep_feats`` (a dict) receives the student's tapped maps for probes."""
         if self.method is None:
-            logits = self.student(images)
-            return {"task": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
+            return {"task": self.task_def.loss(self.student(images), targets)}
         with record(self.student, self.taps) as feats:
-            logits = self.student(images)
-            terms = {"task": F.cross_entropy(logits, labels, ignore_index=self.ignore_index)}
+            terms = {"task": self.task_def.loss(self.student(images), targets)}
             if teacher_feats is not None:
                 terms.update(self.method(dict(feats), teacher_feats))
             if keep_feats is not None:
@@ -408,6 +406,17 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
         if not distill or not distill.teacher_checkpoint:
             raise ConfigError(f"Method '{method_name}' needs a teacher checkpoint: pass --teacher PATH.")
         teacher, teacher_meta = load_teacher(distill.teacher_checkpoint, info.num_classes, device)
+    if distill is not None and distill.inherit:
+        if teacher is None:
+            raise ConfigError(f"distill.inherit {distill.inherit} copies teacher weights, but no teacher is given. "
+                              f"Pass --teacher or set distill.inherit: [].")
+        from kdcompress.methods.base import inherit_from_teacher
+
+        inherited = inherit_from_teacher(student, teacher, distill.inherit)
+        if not inherited:
+            raise ConfigError(f"distill.inherit {distill.inherit}: no student weight under these prefixes matches the "
+                              f"teacher's in name and shape. Student modules: "
+                              f"{', '.join(n for n, _ in student.named_children())}.")
     if method_name != "none":
         crop = tuple(recipe.data.crop_size)
         s_shapes = tap_shapes(student, crop, batch=1)  # every tap: build_method validates names
@@ -418,7 +427,8 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
                               **(distill.hparams if distill else {})).to(device)
         taps = list(method.taps)
 
-    task = TrainTask(student, method, taps, info.ignore_index).to(device)
+    task_def = task_for(info)
+    task = TrainTask(student, method, taps, task_def).to(device)
     model: nn.Module = task
     if world > 1:
         model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
@@ -465,7 +475,10 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
     meta = {
         "arch": arch, "num_classes": info.num_classes, "output_stride": student.output_stride,
         "class_names": list(info.class_names), "mean": list(train_set.transform.mean),
-        "std": list(train_set.transform.std), "input_size": list(recipe.data.crop_size),
+        "std": list(train_set.transform.std), "task": info.task,
+        # The export's default input: the validation images' own size when the dataset fixes one, so
+        # `evaluate` and export verification score identical images; else the training crop.
+        "input_size": list(info.image_size or recipe.data.crop_size),
         "ignore_index": info.ignore_index, "dataset": recipe.data.name, "data_root": recipe.data.root,
         "data_options": data_options(recipe.data), "role": role, "method": method_name,
         "teacher": teacher_meta.get("arch"), "recipe": recipe.name, "kdcompress_version": kdcompress.__version__,
@@ -480,7 +493,7 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
 
     sampler = EpochSampler(len(train_set), per_rank_batch, tcfg.seed, rank, world, step)
     loader = DataLoader(SeededAugment(train_set, tcfg.seed), batch_size=per_rank_batch, sampler=sampler,
-                        num_workers=recipe.data.workers, collate_fn=seg_collate, drop_last=True,
+                        num_workers=recipe.data.workers, collate_fn=task_def.collate, drop_last=True,
                         pin_memory=device.type == "cuda", persistent_workers=recipe.data.workers > 0,
                         generator=torch.Generator().manual_seed(tcfg.seed))  # keeps the global RNG untouched
 
@@ -497,10 +510,9 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
 
     def validate() -> dict[str, Any]:
         dist_utils.broadcast_buffers(task.student)
-        res = evaluate_model(task.student, val_set, info.num_classes, info.ignore_index,
-                             recipe.data.val_batch_size, device, recipe.data.max_val_images, progress=False,
+        out = evaluate_model(task.student, val_set, task_def, batch_size=recipe.data.val_batch_size, device=device,
+                             max_images=recipe.data.max_val_images, progress=False,
                              amp=device.type == "cuda" and use_amp)
-        out = res.as_dict(info.class_names)
         log({"step": step, "val": out})
         return out
 
@@ -528,11 +540,11 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
         batches = iter(loader)
         while step < total:
             try:
-                images, labels = next(batches)
+                images, targets = next(batches)
             except KdError as e:  # from a DataLoader worker: its message carries the worker's traceback
                 raise type(e)(worker_message(str(e))) from None
             images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+            targets = task_def.targets_to(targets, device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                 t_feats = None
                 if teacher is not None:
@@ -540,7 +552,7 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
                         teacher(images)
                         t_feats = {k: v.detach() for k, v in tf.items()}
                 probe = {} if (step == 0 or step == total - 1) and t_feats is not None and world == 1 else None
-                terms = model(images, labels, t_feats, probe)
+                terms = model(images, targets, t_feats, probe)
             weights = method.loss_weights() if method is not None else {}
             if probe:  # at the first and last step, with full (un-warmed) weights
                 ratio = gradient_ratio(terms, weights, probe)

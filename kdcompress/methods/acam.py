@@ -232,24 +232,3 @@ class ACAMKD(DistillMethod):
     def loss_weights(self) -> dict[str, float]:
         a, lam = self.hparams["alpha"], self.hparams["lambda"]
         return {"acam_c": a, "acam_s": a, "acam_div": lam}
-
-
-def inherit_from_teacher(
-    student: nn.Module, teacher: nn.Module, prefixes: Sequence[str] = ("neck", "head")
-) -> list[str]:
-    """ACAM-KD's "inheritance" (§4.1, detection): copy teacher weights into the student.
-
-    Every parameter and buffer under one of ``prefixes`` whose name and shape match on both
-    sides is copied; the copied names are returned so the caller can log them.
-    """
-    teacher_state = teacher.state_dict()
-    copied: list[str] = []
-    with torch.no_grad():
-        for name, tensor in student.state_dict().items():
-            if not any(name == p or name.startswith(p + ".") for p in prefixes):
-                continue
-            source = teacher_state.get(name)
-            if source is not None and source.shape == tensor.shape:
-                tensor.copy_(source)
-                copied.append(name)
-    return copied

@@ -130,3 +130,24 @@ def at_least_fp32(x: Tensor) -> Tensor:
 
 def conv1x1(c_in: int, c_out: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=1, bias=bias)
+
+
+def inherit_from_teacher(
+    student: nn.Module, teacher: nn.Module, prefixes: Sequence[str] = ("neck", "head")
+) -> list[str]:
+    """ACAM-KD's "inheritance" (§4.1, detection): copy teacher weights into the student.
+
+    Every parameter and buffer under one of ``prefixes`` whose name and shape match on both
+    sides is copied; the copied names are returned so the caller can log them.
+    """
+    teacher_state = teacher.state_dict()
+    copied: list[str] = []
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            if not any(name == p or name.startswith(p + ".") for p in prefixes):
+                continue
+            source = teacher_state.get(name)
+            if source is not None and source.shape == tensor.shape:
+                tensor.copy_(source)
+                copied.append(name)
+    return copied

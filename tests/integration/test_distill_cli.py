@@ -162,3 +162,23 @@ def test_pretrained_digits_from_the_cli(teacher: tuple[Path, Path], tmp_path: Pa
     res = run_cli(capsys, "train", "-r", recipe, "--role", "student", "--out", tmp_path / "bad", "--steps", "1",
                   "--pretrained", str(tmp_path / "missing.pth"), "--no-progress")
     assert res.code == 2 and "does not exist" in res.err and "Traceback" not in res.err
+
+
+def test_distill_inherit_starts_head_from_teacher(teacher: tuple[Path, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """distill.inherit: matching head weights are the teacher's at step 0; a prefix matching nothing is refused."""
+    recipe, ckpt = teacher
+    t_state = load_model_checkpoint(ckpt)["state_dict"]
+    out = tmp_path / "inherit"
+    res = run_cli(capsys, "distill", "-r", recipe, "--teacher", ckpt, "--student", "mbv2", "--method", "acam",
+                  "--out", out, "--steps", "1", "--no-progress", "--set", "distill.inherit=[head]",
+                  "--set", "train.lr=1e-12")  # one negligible step: the weights stay where they started
+    assert res.code == 0, res.err
+    s_state = load_model_checkpoint(out / "model.pt")["state_dict"]
+    same = [k for k in s_state if k.startswith("head.") and k in t_state and t_state[k].shape == s_state[k].shape
+            and t_state[k].is_floating_point()]
+    assert len(same) > 10
+    assert all(torch.allclose(s_state[k], t_state[k], atol=1e-5) for k in same if "running" not in k)
+    bad = run_cli(capsys, "distill", "-r", recipe, "--teacher", ckpt, "--student", "mbv2", "--method", "acam",
+                  "--out", tmp_path / "bad", "--steps", "1", "--no-progress", "--set", "distill.inherit=[neck]")
+    assert bad.code == 2 and "no student weight under these prefixes" in bad.err and not (tmp_path / "bad").exists()

@@ -9,11 +9,11 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdcompress.methods import build_method
+from kdcompress.methods.base import inherit_from_teacher
 from kdcompress.methods.acam import (
     ACAMKD,
     diversity,
     fused_attention,
-    inherit_from_teacher,
     naive_attention,
 )
 from tests.methods.method_conformance import (

@@ -79,7 +79,8 @@ def test_split_by_source_sample():
 def test_dataset_labels_and_classes(cache):
     train = build_dataset("digits", None, "train", **SMALL)
     val = build_dataset("digits", None, "val", **SMALL)
-    assert isinstance(train, VOCSegmentation) and train.info == dataset_info("digits")
+    assert isinstance(train, VOCSegmentation) and train.info == dataset_info("digits", **SMALL)
+    assert train.info.image_size == (SMALL["image_size"],) * 2 and dataset_info("digits").image_size == (96, 96)
     assert len(train) == 20 and len(val) == 8
     x, y = train[0]
     assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and y.shape == (48, 48) and y.dtype == torch.int64

@@ -14,7 +14,7 @@ from torch import nn
 from kdcompress.errors import ExportError, KdError, MissingDependencyError
 from kdcompress.export.onnx import export_onnx, onnx_opset, onnx_param_count
 from kdcompress.export.runners import OrtRunner, TorchRunner
-from kdcompress.export.verify import compare_outputs
+from kdcompress.tasks.segmentation import compare_outputs
 
 
 class TinySeg(nn.Module):

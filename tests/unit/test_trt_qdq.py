@@ -24,7 +24,7 @@ from kdcompress.errors import ExportError
 from kdcompress.export.onnx import export_onnx
 from kdcompress.export.ort_quant import check_trt_qdq, quantize_int8, quantize_int8_trt, verify_int8_onnx
 from kdcompress.export.runners import OrtRunner
-from kdcompress.export.verify import compare_outputs
+from kdcompress.tasks.segmentation import compare_outputs
 
 SIZE = (32, 32)
 
