@@ -188,8 +188,7 @@ for f in sorted(out.glob("export_*.json")):
         r = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         continue
-    exports[f.stem] = {"argmax_agreement": r.get("parity", {}).get("argmax_agreement"), "miou_drop": r.get("drop"),
-                       "speed": r.get("speed")}
+    exports[f.stem] = {"argmax_agreement": r.get("parity", {}).get("argmax_agreement"), "miou_drop": r.get("drop")}
 summary = {"elapsed_s": elapsed, "steps": steps, "exports": exports, "latency": latency}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))

@@ -25,6 +25,15 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_digits_cold.json"
 
 
+def _commit() -> str | None:
+    """The code that was measured (the checkout this script sits in)."""
+    try:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def summarize(run: Path, wall_s: float, how: str) -> dict:
     from kdcompress.profiling.latency import environment
 
@@ -34,7 +43,9 @@ def summarize(run: Path, wall_s: float, how: str) -> dict:
         "command": "kdcompress pipeline digits", "cold": True, "how": how, "wall_s": wall_s,
         "stage_wall_s": {k: v["wall_s"] for k, v in stages.items()},
         "mIoU": {k: v["mIoU"] for k, v in report["evaluation"].items()},
-        "exports": {k: {x: v.get(x) for x in ("miou_torch", "miou_artifact", "drop")} for k, v in report["exports"].items()},
+        "eval_images": {k: v.get("images") for k, v in report["evaluation"].items()},
+        "exports": {k: {x: v.get(x) for x in ("metric_torch", "metric_artifact", "drop")} for k, v in report["exports"].items()},
+        "git_commit": _commit(),
         "environment": environment("cpu"),
     }
 
