@@ -12,6 +12,7 @@ the verification helpers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,56 @@ def export_checkpoint(
     task's per-precision defaults. INT8 calibrates on ``calib_images`` *training*
     images. Raises KdError subclasses with one-line messages; nothing is left behind on failure.
     """
+    backend, precision = _check_request(to, precision, opset, verify_images, max_eval_images, calib_images, calib_cache)
+    ckpt = Path(ckpt_path)
+    prog = _Progress(progress)
+    with prog.stage("load", f"load {ckpt.name}"):
+        model, meta, size, task, val = _load(ckpt, input_size, data_root)
+    tol = resolve_tolerances(precision, tolerances, task)
+    artifact, fp32_path = _default_paths(ckpt, to, precision, out_path)
+    torch_ref = TorchRunner(model, "cpu")
+    common = dict(meta=meta, input_size=size, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial,
+                  checkpoint=ckpt, checkpoint_sha256=sha256_file(ckpt))
+    eval_config = {"dataset": meta["dataset"], "data_root": str(data_root if data_root is not None else meta.get("data_root")),
+                   "data_options": dict(meta.get("data_options") or {}), "split": "val", "input_size": list(size),
+                   "images": eval_count(val, max_eval_images), "max_eval_images": max_eval_images}
+    src = _Source(model, task, val, torch_ref, common, eval_config, size, opset, verify_images, max_eval_images, prog)
+
+    # The fp32 ONNX: the artifact itself, or the verified source of INT8 / TensorRT (reused when it can be).
+    found = None if backend.build is None else _find_reusable_onnx(fp32_path, artifact, common["checkpoint_sha256"],
+                                                                    size, dynamic_batch, dynamic_spatial, opset)
+    if found is not None:
+        fp32_path, fp32_parity = found, read_sidecar(found)["parity"]
+        prog.note(f"[dim]reusing verified {fp32_path.name} (same checkpoint and settings)[/dim]")
+    else:
+        fp32_parity = _export_fp32(src, fp32_path, resolve_tolerances("fp32", tolerances if precision == "fp32" else None,
+                                                                      task))
+    if backend.build is None:
+        return ExportResult(target=to, precision="fp32", artifact=fp32_path, sidecar=sidecar_path(fp32_path),
+                            parity=fp32_parity, miou_torch=fp32_parity["miou_torch"],
+                            miou_artifact=fp32_parity["miou_artifact"], drop=fp32_parity["miou_drop"],
+                            timings=prog.timings, onnx_fp32=fp32_path, onnx_parity=fp32_parity,
+                            eval_images=fp32_parity["eval_images"])
+    miou_torch = fp32_parity.get("miou_torch") if fp32_parity.get("eval_config") == eval_config else None
+    if miou_torch is None:  # reused ONNX verified on other images: score PyTorch on these
+        with prog.stage("miou_torch", f"{task.headline} PyTorch"):
+            miou_torch = metrics_of(torch_ref, val, task, max_eval_images)[task.headline]
+    calib: list[Any] = []
+    if precision == "int8" and calib_images and calib_images > 0:
+        with prog.stage("calibration_data", f"load {calib_images} training images for calibration"):
+            calib = calibration_images(_datasets(meta, data_root, size, "train", task), calib_images, size)
+    job = ExportJob(target=to, ckpt=ckpt, model=model, meta=meta, task=task, size=size, val=val, torch_ref=torch_ref,
+                    precision=precision, tol=tol, artifact=artifact, fp32_path=fp32_path, fp32_parity=fp32_parity,
+                    miou_torch=miou_torch, reused=found is not None, prog=prog, common=common, eval_config=eval_config,
+                    verify_images=verify_images, max_eval_images=max_eval_images, calib=calib, opset=opset,
+                    options={"workspace_mb": workspace_mb, "timing_cache": timing_cache, "calib_cache": calib_cache,
+                             "min_shape": min_shape, "opt_shape": opt_shape, "max_shape": max_shape})
+    return backend.build(job)  # type: ignore[misc]  (every target but onnx has a builder)
+
+
+def _check_request(to: str, precision: str | None, opset: int, verify_images: int, max_eval_images: int | None,
+                   calib_images: int, calib_cache: str | Path | None) -> tuple[Backend, str]:
+    """Every option that needs no file, checked before anything is loaded or written."""
     if to not in BACKENDS:
         raise ExportError(f"Unknown export target '{to}'. Available: {', '.join(TARGETS)}")
     backend = BACKENDS.get(to)
@@ -170,96 +221,70 @@ def export_checkpoint(
         raise ExportError(f"calibration set is empty: --calib-images must be >= 1 for INT8 (got {calib_images}).")
     if backend.preflight is not None:  # fail before minutes of ONNX export when the machine cannot build it
         backend.preflight()
+    return backend, precision
 
-    ckpt = Path(ckpt_path)
-    prog = _Progress(progress)
+
+def _load(ckpt: Path, input_size: tuple[int, int] | None,
+          data_root: str | Path | None) -> tuple[Any, dict[str, Any], tuple[int, int], Task, Resized]:
+    """The model, its metadata, the export size, its task and its validation split at that size."""
     from kdcompress.engine.checkpoint import load_model
 
-    with prog.stage("load", f"load {ckpt.name}"):
-        model, meta = load_model(ckpt, "cpu")
-        _check_meta(ckpt, meta, need_input_size=input_size is None)
-        size = tuple(int(s) for s in (input_size if input_size is not None else meta["input_size"]))
-        if len(size) != 2 or min(size) < 1:
-            raise ExportError(f"input size must be (H, W) with positive sides, got {input_size or meta['input_size']!r}.")
-        check = getattr(model, "check_input_size", None)
-        if callable(check):
-            check(size)  # KdError naming the multiples that work
-        ckpt_sha = sha256_file(ckpt)
-        task = task_from_meta(meta)
-        val = _datasets(meta, data_root, size, "val", task)
-        if len(val) == 0:
-            raise ExportError(f"the validation split of '{meta['dataset']}' is empty: export cannot be verified. "
-                              f"Check --data-root.")
-    tol_fp32 = resolve_tolerances("fp32", tolerances if precision == "fp32" else None, task)
-    tol = resolve_tolerances(precision, tolerances, task)
+    model, meta = load_model(ckpt, "cpu")
+    _check_meta(ckpt, meta, need_input_size=input_size is None)
+    size = tuple(int(s) for s in (input_size if input_size is not None else meta["input_size"]))
+    if len(size) != 2 or min(size) < 1:
+        raise ExportError(f"input size must be (H, W) with positive sides, got {input_size or meta['input_size']!r}.")
+    check = getattr(model, "check_input_size", None)
+    if callable(check):
+        check(size)  # KdError naming the multiples that work
+    task = task_from_meta(meta)
+    val = _datasets(meta, data_root, size, "val", task)  # type: ignore[arg-type]
+    if len(val) == 0:
+        raise ExportError(f"the validation split of '{meta['dataset']}' is empty: export cannot be verified. "
+                          f"Check --data-root.")
+    return model, meta, size, task, val  # type: ignore[return-value]
 
-    artifact, fp32_path = _default_paths(ckpt, to, precision, out_path)
-    torch_ref = TorchRunner(model, "cpu")
-    common = dict(meta=meta, input_size=size, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial,
-                  checkpoint=ckpt, checkpoint_sha256=ckpt_sha)
+
+@dataclass
+class _Source:
+    """What the fp32 ONNX export needs of the checked request."""
+
+    model: Any
+    task: Task
+    val: Resized
+    torch_ref: TorchRunner
+    common: dict[str, Any]
+    eval_config: dict[str, Any]
+    size: tuple[int, int]
+    opset: int
+    verify_images: int
+    max_eval_images: int | None
+    prog: _Progress
+
+
+def _export_fp32(src: _Source, fp32_path: Path, tol: Any) -> dict[str, Any]:
+    """Export, verify (parity + metric drop) and commit the fp32 ONNX; a failure leaves a previous file untouched."""
     from kdcompress.export.metadata import build_sidecar
 
-    eval_config = {"dataset": meta["dataset"], "data_root": str(data_root if data_root is not None else meta.get("data_root")),
-                   "data_options": dict(meta.get("data_options") or {}), "split": "val", "input_size": list(size),
-                   "images": eval_count(val, max_eval_images), "max_eval_images": max_eval_images}
-
-    # ---- fp32 ONNX (the artifact itself, or the verified source of INT8/TensorRT) ------------
-    miou_torch: float | None = None
-    reused = False
-    if backend.build is not None:
-        found = _find_reusable_onnx(fp32_path, artifact, ckpt_sha, size, dynamic_batch, dynamic_spatial, opset)
-        if found is not None:
-            fp32_path, reused = found, True
-    fp32_parity: dict[str, Any]
-    if reused:
-        side = read_sidecar(fp32_path)
-        fp32_parity = side["parity"]
-        if fp32_parity.get("eval_config") == eval_config:  # same model, same images: same PyTorch mIoU
-            miou_torch = fp32_parity.get("miou_torch")
-        prog.note(f"[dim]reusing verified {fp32_path.name} (same checkpoint and settings)[/dim]")
-    else:
-        with StagedArtifact(fp32_path) as staged:  # a failure leaves a previous good file untouched
-            with prog.stage("export_onnx", f"export ONNX (opset {opset}, dynamo)"):
-                export_onnx(model, staged.tmp, size, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial,
-                            opset=opset, input_names=task.input_names, output_names=task.output_names)
-            with OrtRunner(staged.tmp) as ort_fp32:
-                with prog.stage("verify_onnx", f"verify ONNX fp32 on {min(verify_images, len(val))} val images"):
-                    fp32_parity = verify_against(torch_ref, ort_fp32, images_of(val, verify_images), tol_fp32,
-                                                 task=task)
-                with prog.stage("miou_torch", f"{task.headline} PyTorch"):
-                    miou_torch = metrics_of(torch_ref, val, task, max_eval_images)[task.headline]
-                with prog.stage("miou_onnx", f"{task.headline} ONNX fp32"):
-                    miou_fp32 = metrics_of(ort_fp32, val, task, max_eval_images)[task.headline]
-            drop_fp32 = check_metric_drop(miou_torch, miou_fp32, tol_fp32, task, f"ONNX fp32 '{fp32_path.name}'")
-            fp32_parity.update(miou_torch=miou_torch, miou_artifact=miou_fp32, miou_drop=drop_fp32,
-                               eval_images=eval_count(val, max_eval_images), eval_config=eval_config, passed=True)
-            staged.commit(build_sidecar(staged.tmp, kind="onnx", precision="fp32", opset=opset,
-                                        parity=fp32_parity, **common))
-    if backend.build is None:
-        return ExportResult(target=to, precision="fp32", artifact=fp32_path, sidecar=sidecar_path(fp32_path),
-                            parity=fp32_parity, miou_torch=fp32_parity["miou_torch"],
-                            miou_artifact=fp32_parity["miou_artifact"], drop=fp32_parity["miou_drop"],
-                            timings=prog.timings, onnx_fp32=fp32_path, onnx_parity=fp32_parity,
-                            eval_images=fp32_parity["eval_images"])
-
-    if miou_torch is None:
-        with prog.stage("miou_torch", f"{task.headline} PyTorch"):
-            miou_torch = metrics_of(torch_ref, val, task, max_eval_images)[task.headline]
-
-    calib: list[Any] = []
-    if precision == "int8" and calib_images and calib_images > 0:
-        with prog.stage("calibration_data", f"load {calib_images} training images for calibration"):
-            train = _datasets(meta, data_root, size, "train", task)
-            calib = calibration_images(train, calib_images, size)
-
-    job = ExportJob(target=to, ckpt=ckpt, model=model, meta=meta, task=task, size=size, val=val, torch_ref=torch_ref,
-                    precision=precision,
-                    tol=tol, artifact=artifact, fp32_path=fp32_path, fp32_parity=fp32_parity, miou_torch=miou_torch,
-                    reused=reused, prog=prog, common=common, eval_config=eval_config, verify_images=verify_images,
-                    max_eval_images=max_eval_images, calib=calib, opset=opset,
-                    options={"workspace_mb": workspace_mb, "timing_cache": timing_cache, "calib_cache": calib_cache,
-                             "min_shape": min_shape, "opt_shape": opt_shape, "max_shape": max_shape})
-    return backend.build(job)  # type: ignore[misc]  (every target but onnx has a builder)
+    task, val, prog, n = src.task, src.val, src.prog, src.max_eval_images
+    with StagedArtifact(fp32_path) as staged:
+        with prog.stage("export_onnx", f"export ONNX (opset {src.opset}, dynamo)"):
+            export_onnx(src.model, staged.tmp, src.size, dynamic_batch=src.common["dynamic_batch"],
+                        dynamic_spatial=src.common["dynamic_spatial"], opset=src.opset,
+                        input_names=task.input_names, output_names=task.output_names)
+        with OrtRunner(staged.tmp) as ort_fp32:
+            with prog.stage("verify_onnx", f"verify ONNX fp32 on {min(src.verify_images, len(val))} val images"):
+                parity = verify_against(src.torch_ref, ort_fp32, images_of(val, src.verify_images), tol, task=task)
+            with prog.stage("miou_torch", f"{task.headline} PyTorch"):
+                ref = metrics_of(src.torch_ref, val, task, n)[task.headline]
+            with prog.stage("miou_onnx", f"{task.headline} ONNX fp32"):
+                art = metrics_of(ort_fp32, val, task, n)[task.headline]
+        drop = check_metric_drop(ref, art, tol, task, f"ONNX fp32 '{fp32_path.name}'")
+        parity.update(miou_torch=ref, miou_artifact=art, miou_drop=drop, eval_images=eval_count(val, n),
+                      eval_config=src.eval_config, passed=True)
+        staged.commit(build_sidecar(staged.tmp, kind="onnx", precision="fp32", opset=src.opset, parity=parity,
+                                    **src.common))
+    return parity
 
 
 def _register_tensorrt_runtime() -> None:

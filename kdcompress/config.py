@@ -124,7 +124,11 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
     names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
              list: "a list", dict: "a mapping", tuple: "a list"}
-    return names.get(typing.get_origin(hint) or hint, str(hint))
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple) and args and args[0] is not Ellipsis:
+        plural = {int: "whole numbers", float: "numbers", str: "strings", bool: "true/false values"}
+        return f"a list of {plural.get(args[0], _describe(args[0]))}"
+    return names.get(origin or hint, str(hint))
 
 
 def _matches(value: Any, hint: Any) -> bool:

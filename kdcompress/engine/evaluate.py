@@ -64,13 +64,16 @@ def batches(dataset: Any, indices: Sequence[int], batch_size: int,
         yield len(pending), collate(pending)
 
 
-def model_predict(model: torch.nn.Module, device: torch.device | str, amp: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``images -> outputs`` of an eager model (fp16 autocast on CUDA when ``amp``)."""
+def model_predict(model: torch.nn.Module, task: Any, device: torch.device | str,
+                  amp: bool = False) -> Callable[[Any], Any]:
+    """``images -> outputs`` of an eager model (fp16 autocast on CUDA when ``amp``), as the task reads them."""
     device = torch.device(device)
 
-    def predict(images: torch.Tensor) -> torch.Tensor:
+    def predict(images: Any) -> Any:
+        images = images.to(device, non_blocking=True) if isinstance(images, torch.Tensor) else \
+            [im.to(device, non_blocking=True) for im in images]
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
-            return model(images.to(device, non_blocking=True)).float()
+            return task.predict(model, images)
 
     return predict
 
@@ -94,7 +97,7 @@ def evaluate(predict: Callable[[torch.Tensor], Any], dataset: Any, task: Any, *,
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Strided shards without padding: every image counted exactly once across ranks.
         idx = idx[torch.distributed.get_rank()::torch.distributed.get_world_size()]
-    metric = task.metric(device)
+    metric = task.metric(dataset, device)
     with LoopProgress(description, len(idx), enabled=progress and is_main(), every=log_every, unit="image") as bar:
         for n, (images, targets) in batches(dataset, idx, batch_size, task.collate):
             outputs = predict(images)
@@ -112,7 +115,7 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, task: Any, *, batch_siz
     was_training = model.training
     model.eval()
     try:
-        return evaluate(model_predict(model, device, amp), dataset, task, max_images=max_images,
+        return evaluate(model_predict(model, task, device, amp), dataset, task, max_images=max_images,
                         batch_size=batch_size, device=device, progress=progress, description=description,
                         log_every=log_every)
     finally:

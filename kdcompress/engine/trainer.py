@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import kdcompress
 from kdcompress.config import DataConfig, Recipe, TrainConfig, role_train, to_yaml
-from kdcompress.data import build_dataset, dataset_info, train_transform, val_transform
+from kdcompress.data import build_dataset, dataset_info
 from kdcompress.engine import distributed as dist_utils
 from kdcompress.engine.checkpoint import (
     load_model,
@@ -108,13 +108,13 @@ def data_options(data: DataConfig) -> dict[str, Any]:
     return dict(data.options)
 
 
-def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset]:
-    crop = tuple(data.crop_size)
-    if len(crop) != 2:
+def build_datasets(data: DataConfig, task: Task | None = None) -> tuple[Dataset, Dataset]:
+    """Train and val splits with the task's transforms (segmentation: crops; detection: box-aware resize)."""
+    if len(data.crop_size) != 2:
         raise ConfigError(f"data.crop_size must be [H, W], got {data.crop_size}.")
-    train = build_dataset(data.name, data.root, "train",
-                          train_transform(crop, tuple(data.scale_range), data.flip), **data_options(data))
-    val = build_dataset(data.name, data.root, "val", val_transform(), **data_options(data))
+    task = task or task_for(dataset_info(data.name, **data_options(data)))
+    train = build_dataset(data.name, data.root, "train", task.train_transform(data), **data_options(data))
+    val = build_dataset(data.name, data.root, "val", task.val_transform(data), **data_options(data))
     return train, val
 
 
@@ -184,9 +184,9 @@ class TrainTask(nn.Module):
                 keep_feats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Named loss terms; ``keep_feats`` (a dict) receives the student's tapped maps for probes."""
         if self.method is None:
-            return {"task": self.task_def.loss(self.student(images), targets)}
+            return {"task": self.task_def.training_loss(self.student, images, targets)}
         with record(self.student, self.taps) as feats:
-            terms = {"task": self.task_def.loss(self.student(images), targets)}
+            terms = {"task": self.task_def.training_loss(self.student, images, targets)}
             if teacher_feats is not None:
                 terms.update(self.method(dict(feats), teacher_feats))
             if keep_feats is not None:
@@ -366,28 +366,12 @@ def train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool = Fals
         raise _interrupted(Path(out_dir), reached["step"], reached["total"]) from None
 
 
-def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, force: bool, progress: bool,
-           on_step: Callable[[int, dict[str, float]], None] | None, reached: dict[str, int]) -> TrainResult:
-    """Train ``recipe.<role>.model`` (distilling from the recipe's teacher if ``role == 'student'``
-    and ``recipe.distill.method`` is not ``none``). Returns where the model checkpoint is."""
+def _models(recipe: Recipe, role: str, info: Any, device: torch.device,
+            progress: bool) -> tuple[str, nn.Module, nn.Module | None, dict[str, Any], nn.Module | None, list[str]]:
+    """(arch, student, teacher, teacher metadata, distillation method, taps), each checked against the others."""
     from kdcompress.methods import METHODS, build_method
 
-    if role not in ("teacher", "student"):
-        raise ConfigError(f"role must be 'teacher' or 'student', got {role!r}.")
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    tcfg = role_train(recipe, role)
     mcfg = getattr(recipe, role)
-    device = dist_utils.resolve_device(tcfg.device)
-    rank, world = dist_utils.init_distributed(device)
-    if tcfg.batch_size % world:
-        raise ConfigError(f"train.batch_size {tcfg.batch_size} is not divisible by the {world} processes.")
-    check_out_dir(out_dir, resume, force)
-    seed_everything(tcfg.seed)
-
-    info = dataset_info(recipe.data.name, **data_options(recipe.data))
-    train_set, val_set = build_datasets(recipe.data)
-
     distill = recipe.distill if role == "student" else None
     method_name = distill.method if distill else "none"
     method_cls = METHODS.get(method_name)
@@ -421,13 +405,40 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
         crop = tuple(recipe.data.crop_size)
         s_shapes = tap_shapes(student, crop, batch=1)  # every tap: build_method validates names
         t_shapes = tap_shapes(teacher, crop, batch=1) if teacher is not None else s_shapes
+        # a model may name the taps its task distils (detectors: FPN levels) unless the recipe names taps
+        default_taps = getattr(student, "distill_taps", None) if METHODS.get(method_name).default_taps else None
         method = build_method(method_name, s_shapes, t_shapes, info.num_classes,
-                              taps=distill.taps or None, student_name=arch,
+                              taps=distill.taps or default_taps or None, student_name=arch,
                               teacher_name=teacher_meta.get("arch", "teacher"),
                               **(distill.hparams if distill else {})).to(device)
         taps = list(method.taps)
+    return arch, student, teacher, teacher_meta, method, taps
 
+
+def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, force: bool, progress: bool,
+           on_step: Callable[[int, dict[str, float]], None] | None, reached: dict[str, int]) -> TrainResult:
+    """Train ``recipe.<role>.model`` (distilling from the recipe's teacher if ``role == 'student'``
+    and ``recipe.distill.method`` is not ``none``). Returns where the model checkpoint is."""
+    if role not in ("teacher", "student"):
+        raise ConfigError(f"role must be 'teacher' or 'student', got {role!r}.")
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    tcfg = role_train(recipe, role)
+    device = dist_utils.resolve_device(tcfg.device)
+    rank, world = dist_utils.init_distributed(device)
+    if tcfg.batch_size % world:
+        raise ConfigError(f"train.batch_size {tcfg.batch_size} is not divisible by the {world} processes.")
+    check_out_dir(out_dir, resume, force)
+    seed_everything(tcfg.seed)
+
+    info = dataset_info(recipe.data.name, **data_options(recipe.data))
     task_def = task_for(info)
+    train_set, val_set = build_datasets(recipe.data, task_def)
+
+    distill = recipe.distill if role == "student" else None
+    arch, student, teacher, teacher_meta, method, taps = _models(recipe, role, info, device, progress)
+    method_name = distill.method if distill else "none"
+
     task = TrainTask(student, method, taps, task_def).to(device)
     model: nn.Module = task
     if world > 1:
@@ -549,7 +560,7 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
                 t_feats = None
                 if teacher is not None:
                     with torch.no_grad(), record(teacher, teacher_taps) as tf:
-                        teacher(images)
+                        task_def.features(teacher, images)
                         t_feats = {k: v.detach() for k, v in tf.items()}
                 probe = {} if (step == 0 or step == total - 1) and t_feats is not None and world == 1 else None
                 terms = model(images, targets, t_feats, probe)

@@ -11,7 +11,7 @@ Runtimes: ``torch`` (the model itself) and every runner of :data:`kdcompress.run
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from kdcompress.errors import KdError
 
@@ -76,11 +76,46 @@ def profile_target(
     in PyTorch: for ONNX/engine targets from the architecture named in the sidecar JSON,
     otherwise reported as None ("n/a").
     """
-    import numpy as np
     import torch
 
-    from kdcompress.profiling.latency import CpuPeakMemory, CudaPeakMemory, environment, fps_of, measure_latency
-    from kdcompress.profiling.static import FLOPS_CONVENTION, count_flops, count_params
+    from kdcompress.profiling.latency import environment, fps_of
+    from kdcompress.profiling.static import FLOPS_CONVENTION, count_flops
+
+    kind, backend, device = _check_request(target, backend, device, batch, input_size, threads)
+    h, w = int(input_size[0]), int(input_size[1])
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    row: dict[str, Any] = {
+        "target": str(target), "kind": kind, "backend": backend, "device": str(device), "batch": int(batch),
+        "input_size": [h, w], "precision": "fp32", "flops_convention": FLOPS_CONVENTION,
+    }
+    try:
+        source_model = _static(target, kind, row, num_classes, output_stride, (h, w))
+        if source_model is not None:
+            fl = count_flops(source_model, (h, w), batch=batch)
+            row.update(flops=fl["flops"], gflops=fl["gflops"], gmacs=fl["gmacs"], flops_method=fl["method"])
+        else:
+            row.update(flops=None, gflops=None, gmacs=None, flops_method="n/a (no source architecture recorded)")
+        fn, weights, runner = _inference(target, backend, device, threads, source_model, (batch, 3, h, w), row)
+        try:
+            lat = _measure(fn, weights, runner, backend, device, warmup, iters, row)
+        finally:
+            if runner is not None:
+                runner.close()
+        row["latency_ms"] = lat
+        row["fps"] = fps_of(lat, batch)
+        row["threads"] = torch.get_num_threads() if threads is None else int(threads)
+        row["env"] = environment(str(device), threads=row["threads"])
+    finally:
+        torch.set_num_threads(old_threads)
+    return row
+
+
+def _check_request(target: str | Path, backend: str | None, device: str, batch: int, input_size: tuple[int, int],
+                   threads: int | None) -> tuple[str, str, str]:
+    """(kind, backend, device) once every option fits the target; one line naming the fix otherwise."""
+    from kdcompress.engine.distributed import resolve_device
 
     kind = classify_target(target)
     backend = backend or _DEFAULT_BACKEND[kind]
@@ -93,154 +128,146 @@ def profile_target(
                 "onnx": "use --backend ort (or build an engine with kdcompress export --to tensorrt)",
                 "engine": "use --backend tensorrt"}[kind]
         raise KdError(f"Backend '{backend}' cannot run a {kind} target ('{target}'): {hint}.")
-    from kdcompress.engine.distributed import resolve_device
-
     device = str(resolve_device(device))
-    cuda = device.startswith("cuda")
-    if backend == "tensorrt" and not cuda:
+    if backend == "tensorrt" and not device.startswith("cuda"):
         raise KdError("TensorRT engines run on CUDA only: use --device cuda.")
     if batch < 1:
         raise KdError(f"batch must be >= 1, got {batch}.")
-    h, w = int(input_size[0]), int(input_size[1])
-    if h <= 0 or w <= 0:
+    if int(input_size[0]) <= 0 or int(input_size[1]) <= 0:
         raise KdError(f"input size must be positive (H, W), got {input_size!r}.")
+    if threads is not None and threads < 1:
+        raise KdError(f"threads must be >= 1, got {threads}.")
+    return kind, backend, device
 
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise KdError(f"threads must be >= 1, got {threads}.")
-        torch.set_num_threads(int(threads))
-    row: dict[str, Any] = {
-        "target": str(target), "kind": kind, "backend": backend, "device": str(device), "batch": int(batch),
-        "input_size": [h, w], "precision": "fp32", "flops_convention": FLOPS_CONVENTION,
-    }
-    try:
-        source_model = None
-        if kind in ("model", "checkpoint"):
-            if kind == "model":
-                from kdcompress.models import build_model
 
-                k = int(num_classes) if num_classes is not None else 19
-                model = build_model(str(target), num_classes=k, output_stride=output_stride)
-                row.update(model=str(target), num_classes=k)
-            else:
-                from kdcompress.engine.checkpoint import load_model
+def _static(target: str | Path, kind: str, row: dict[str, Any], num_classes: int | None, output_stride: int | None,
+            size: tuple[int, int]) -> Any:
+    """Parameter counts into ``row``; returns the PyTorch model FLOPs are counted on (None if unknown)."""
+    from kdcompress.profiling.static import count_params
 
-                model, meta = load_model(target)
-                row.update(model=meta.get("arch"), num_classes=meta.get("num_classes"))
-            model.eval()
-            # PyTorch runs any size the backbone can downsample (PSPNet at 512x1024 as the papers profile
-            # it); only export needs whole pooling grids (check_input_size, called by export).
-            stride = int(getattr(model, "output_stride", 1) or 1)
-            if min(h, w) < stride:
-                raise KdError(f"Input size {h}x{w} is smaller than the model's output stride {stride}; "
-                              f"use at least {stride}x{stride}.")
-            source_model = model
-            row["params"] = count_params(model)
+    source_model = None
+    if kind in ("model", "checkpoint"):
+        if kind == "model":
+            from kdcompress.models import build_model
+
+            k = int(num_classes) if num_classes is not None else 19
+            model = build_model(str(target), num_classes=k, output_stride=output_stride)
+            row.update(model=str(target), num_classes=k)
         else:
-            side = _sidecar(Path(target)) or {}
-            row.update(model=side.get("arch") or Path(target).stem, num_classes=side.get("num_classes"),
-                       precision=side.get("precision", "fp32" if kind == "onnx" else None))
-            if kind == "onnx":
-                from kdcompress.profiling.static import onnx_param_count
+            from kdcompress.engine.checkpoint import load_model
 
-                row["params"] = onnx_param_count(target)
-                row["params_source"] = "ONNX weight initializers (BN folded into convs)"
-            else:
-                row["params"] = None
-            if side.get("arch") and side.get("num_classes"):
-                from kdcompress.models import MODELS, build_model
+            model, meta = load_model(target)
+            row.update(model=meta.get("arch"), num_classes=meta.get("num_classes"))
+        model.eval()
+        # PyTorch runs any size the backbone can downsample (PSPNet at 512x1024 as the papers profile
+        # it); only export needs whole pooling grids (check_input_size, called by export).
+        stride = int(getattr(model, "output_stride", 1) or 1)
+        if min(size) < stride:
+            raise KdError(f"Input size {size[0]}x{size[1]} is smaller than the model's output stride {stride}; "
+                          f"use at least {stride}x{stride}.")
+        source_model = model
+        row["params"] = count_params(model)
+    else:
+        side = _sidecar(Path(target)) or {}
+        row.update(model=side.get("arch") or Path(target).stem, num_classes=side.get("num_classes"),
+                   precision=side.get("precision", "fp32" if kind == "onnx" else None))
+        if kind == "onnx":
+            from kdcompress.profiling.static import onnx_param_count
 
-                if side["arch"] in MODELS:  # FLOPs do not depend on weights: the architecture suffices
-                    source_model = build_model(side["arch"], num_classes=int(side["num_classes"]),
-                                               output_stride=side.get("output_stride"))
-                    if row["params"] is None:
-                        row["params"] = count_params(source_model)
-                        row["params_source"] = "source architecture named in the sidecar"
-        row["params_m"] = row["params"] / 1e6 if row.get("params") is not None else None
-
-        if source_model is not None:
-            fl = count_flops(source_model, (h, w), batch=batch)
-            row.update(flops=fl["flops"], gflops=fl["gflops"], gmacs=fl["gmacs"], flops_method=fl["method"])
+            row["params"] = onnx_param_count(target)
+            row["params_source"] = "ONNX weight initializers (BN folded into convs)"
         else:
-            row.update(flops=None, gflops=None, gmacs=None, flops_method="n/a (no source architecture recorded)")
+            row["params"] = None
+        if side.get("arch") and side.get("num_classes"):
+            from kdcompress.models import MODELS, build_model
 
-        # ---- runtime: latency + memory -------------------------------------------------
-        dev = torch.device(device)
-        memory: dict[str, Any] = {}
+            if side["arch"] in MODELS:  # FLOPs do not depend on weights: the architecture suffices
+                source_model = build_model(side["arch"], num_classes=int(side["num_classes"]),
+                                           output_stride=side.get("output_stride"))
+                if row["params"] is None:
+                    row["params"] = count_params(source_model)
+                    row["params_source"] = "source architecture named in the sidecar"
+    row["params_m"] = row["params"] / 1e6 if row.get("params") is not None else None
+    return source_model
+
+
+def _inference(target: str | Path, backend: str, device: str, threads: int | None, source_model: Any,
+               shape: tuple[int, int, int, int], row: dict[str, Any]) -> tuple[Callable[[], Any], int, Any]:
+    """(one inference call, weight bytes, the runner to close or None) for the chosen runtime."""
+    import numpy as np
+    import torch
+
+    dev = torch.device(device)
+    if backend == "torch":
+        model = source_model.to(dev)
+        x = torch.randn(*shape, device=dev)
+
+        def torch_fn() -> Any:
+            with torch.inference_mode():
+                return model(x)
+
+        return torch_fn, _weights_bytes_torch(model), None
+    from kdcompress.runtime import RUNNERS  # an artifact: its runner from the core's runtime registry
+
+    if backend not in RUNNERS:
+        raise KdError(f"the {backend} runtime is provided by kdcompress.export: `import kdcompress.export` "
+                      f"before profiling an engine (the kdcompress CLI does this).")
+    runner = RUNNERS.get(backend)(target, device, threads)
+    weights = int(Path(target).stat().st_size)
+    if backend != "ort":
+        x = torch.randn(*shape, device=dev)
+        return (lambda: runner.infer_torch(x)), weights, runner
+    inp = runner.session.get_inputs()[0]
+    fixed = [d for d, v in zip(inp.shape, shape) if isinstance(d, int) and d != v]
+    if fixed:
+        runner.close()
+        dims = "x".join(str(d) for d in inp.shape)
+        raise KdError(f"'{target}' has a static input shape {dims}; profile it with a matching "
+                      f"--input-size/--batch or re-export with --dynamic-spatial / --dynamic-batch.")
+    row["ort_providers"] = runner.providers
+    row["ort_intra_op_threads"] = threads if threads is not None else "ORT default (physical cores)"
+    xs = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return (lambda: runner.session.run(None, {runner.input_name: xs})), weights, runner
+
+
+def _measure(fn: Callable[[], Any], weights: int, runner: Any, backend: str, device: str, warmup: int, iters: int,
+             row: dict[str, Any]) -> dict[str, Any]:
+    """Latency statistics; peak memory into ``row`` by the convention of the device and runtime."""
+    import torch
+
+    from kdcompress.profiling.latency import CpuPeakMemory, CudaPeakMemory, measure_latency
+
+    memory: dict[str, Any] = {}
+    if device.startswith("cuda"):
+        timer_device = device if backend in ("torch", "tensorrt") else "cpu"  # ORT run() is blocking
+        with CudaPeakMemory(torch.device(device)) as cm:
+            lat = measure_latency(fn, warmup=warmup, iters=iters, device=timer_device)
+        memory.update(cuda_max_allocated_mb=cm.allocated / 2**20, cuda_max_reserved_mb=cm.reserved / 2**20,
+                      weights_mb=weights / 2**20)
         if backend == "torch":
-            model = source_model.to(dev)
-            x = torch.randn(batch, 3, h, w, device=dev)
-            weights = _weights_bytes_torch(model)
-
-            def fn() -> Any:
-                with torch.inference_mode():
-                    return model(x)
-        else:  # an artifact: its runner from the core's runtime registry (ort; tensorrt once export is imported)
-            from kdcompress.runtime import RUNNERS
-
-            if backend not in RUNNERS:
-                raise KdError(f"the {backend} runtime is provided by kdcompress.export: `import kdcompress.export` "
-                              f"before profiling an engine (the kdcompress CLI does this).")
-            runner = RUNNERS.get(backend)(target, device, threads)
-            if backend == "ort":
-                inp = runner.session.get_inputs()[0]
-                fixed = [d for d, v in zip(inp.shape, (batch, 3, h, w)) if isinstance(d, int) and d != v]
-                if fixed:
-                    dims = "x".join(str(d) for d in inp.shape)
-                    raise KdError(f"'{target}' has a static input shape {dims}; profile it with a matching "
-                                  f"--input-size/--batch or re-export with --dynamic-spatial / --dynamic-batch.")
-                row["ort_providers"] = runner.providers
-                row["ort_intra_op_threads"] = threads if threads is not None else "ORT default (physical cores)"
-                xs = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
-
-                def fn() -> Any:
-                    return runner.session.run(None, {runner.input_name: xs})
-            else:
-                x = torch.randn(batch, 3, h, w, device=dev)
-
-                def fn() -> Any:
-                    return runner.infer_torch(x)
-            weights = int(Path(target).stat().st_size)
-
-        timer_device = str(device) if backend in ("torch", "tensorrt") else "cpu"  # ORT run() is blocking
-        if cuda:
-            with CudaPeakMemory(dev) as cm:
-                lat = measure_latency(fn, warmup=warmup, iters=iters, device=timer_device)
-            memory.update(cuda_max_allocated_mb=cm.allocated / 2**20, cuda_max_reserved_mb=cm.reserved / 2**20,
-                          weights_mb=weights / 2**20)
-            if backend == "torch":
-                row["memory_mb"] = cm.allocated / 2**20
-                memory["method"] = "torch.cuda.max_memory_allocated (weights + activations; mmdet convention)"
-            elif backend == "tensorrt" and hasattr(runner, "device_memory_bytes"):
-                act = int(runner.device_memory_bytes())
-                row["memory_mb"] = (cm.allocated + act + weights) / 2**20
-                memory.update(trt_activation_mb=act / 2**20,
-                              method="TensorRT activation memory + plan size (weights) + torch-allocated I/O peak")
-            else:
-                row["memory_mb"] = None
-                memory["method"] = "n/a: ONNX Runtime's CUDA arena is not visible to torch's allocator"
+            row["memory_mb"] = cm.allocated / 2**20
+            memory["method"] = "torch.cuda.max_memory_allocated (weights + activations; mmdet convention)"
+        elif backend == "tensorrt" and hasattr(runner, "device_memory_bytes"):
+            act = int(runner.device_memory_bytes())
+            row["memory_mb"] = (cm.allocated + act + weights) / 2**20
+            memory.update(trt_activation_mb=act / 2**20,
+                          method="TensorRT activation memory + plan size (weights) + torch-allocated I/O peak")
         else:
-            # Memory over the warm-up passes (the first pass allocates what steady state needs);
-            # the timed loop runs without any sampler thread competing for the cores.
-            with CpuPeakMemory() as mm:
-                for _ in range(max(1, warmup)):
-                    fn()
-            lat = measure_latency(fn, warmup=0, iters=iters, device="cpu")
-            lat["warmup"] = max(1, warmup)
-            memory.update(weights_mb=weights / 2**20, peak_rss_growth_mb=mm.peak_delta / 2**20,
-                          method=f"weights + peak RSS growth during warm-up ({mm.method})")
-            row["memory_mb"] = (weights + mm.peak_delta) / 2**20
-        row["memory"] = memory
-        row["latency_ms"] = lat
-        row["fps"] = fps_of(lat, batch)
-        row["threads"] = torch.get_num_threads() if threads is None else int(threads)
-        row["env"] = environment(str(device), threads=row["threads"])
-        if backend != "torch":
-            runner.close()
-    finally:
-        torch.set_num_threads(old_threads)
-    return row
+            row["memory_mb"] = None
+            memory["method"] = "n/a: ONNX Runtime's CUDA arena is not visible to torch's allocator"
+    else:
+        # Memory over the warm-up passes (the first pass allocates what steady state needs);
+        # the timed loop runs without any sampler thread competing for the cores.
+        with CpuPeakMemory() as mm:
+            for _ in range(max(1, warmup)):
+                fn()
+        lat = measure_latency(fn, warmup=0, iters=iters, device="cpu")
+        lat["warmup"] = max(1, warmup)
+        memory.update(weights_mb=weights / 2**20, peak_rss_growth_mb=mm.peak_delta / 2**20,
+                      method=f"weights + peak RSS growth during warm-up ({mm.method})")
+        row["memory_mb"] = (weights + mm.peak_delta) / 2**20
+    row["memory"] = memory
+    return lat
 
 
 def profile_many(targets: Iterable[str | Path], progress: bool = False, **kwargs: Any) -> list[dict[str, Any]]:

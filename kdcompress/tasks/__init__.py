@@ -66,6 +66,31 @@ class Task(ABC):
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
         """The task loss the student and teacher are trained with."""
 
+    def training_loss(self, model: Any, images: Any, targets: Any) -> torch.Tensor:
+        """The task loss of one training batch (a detector computes its losses itself, given targets)."""
+        return self.loss(model(images), targets)
+
+    def features(self, model: Any, images: Any) -> Any:
+        """The forward a teacher runs for distillation (hooks record its taps); all of it by default."""
+        return model(images)
+
+    def predict(self, model: Any, images: Any) -> Any:
+        """Outputs the metric reads, from an eager model in eval mode."""
+        return model(images).float()
+
+    def train_transform(self, data: Any) -> Any:
+        """The training-split transform of a recipe's ``data`` section."""
+        from kdcompress.data import train_transform
+
+        return train_transform(tuple(data.crop_size), tuple(data.scale_range), data.flip)
+
+    def val_transform(self, data: Any = None, mean: Sequence[float] | None = None,
+                      std: Sequence[float] | None = None) -> Any:
+        """The evaluation transform (native size for segmentation), with the checkpoint's normalisation."""
+        from kdcompress.data import IMAGENET_MEAN, IMAGENET_STD, val_transform
+
+        return val_transform(tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD))
+
     @abstractmethod
     def collate(self, batch: Sequence[Any]) -> tuple[torch.Tensor, Any]:
         """(image, target) samples -> (image batch, targets)."""
@@ -74,8 +99,8 @@ class Task(ABC):
         return targets.to(device, non_blocking=True)
 
     @abstractmethod
-    def metric(self, device: torch.device | str = "cpu") -> Metric:
-        """A fresh accumulator for this task's metrics."""
+    def metric(self, dataset: Any = None, device: torch.device | str = "cpu") -> Metric:
+        """A fresh accumulator for this task's metrics over ``dataset`` (detection reads its ground truth)."""
 
     @abstractmethod
     def check_outputs(self, outputs: torch.Tensor | np.ndarray) -> None:
@@ -134,7 +159,8 @@ def task_from_meta(meta: dict[str, Any]) -> Task:
     k = int(meta["num_classes"])
     names = tuple(meta.get("class_names") or [str(i) for i in range(k)])
     info = SimpleNamespace(task=meta.get("task", "segmentation"), num_classes=k, class_names=names,
-                           ignore_index=int(meta.get("ignore_index", 255)))
+                           ignore_index=int(meta.get("ignore_index") or 255),
+                           category_ids=tuple(meta.get("category_ids") or ()) or None)
     return task_for(info)
 
 

@@ -160,7 +160,7 @@ class SegmentationTask(Task):
 
         return seg_collate(batch)
 
-    def metric(self, device: torch.device | str = "cpu") -> SegMetric:
+    def metric(self, dataset: Any = None, device: torch.device | str = "cpu") -> SegMetric:
         return SegMetric(self.num_classes, self.ignore_index, self.class_names, device)
 
     def check_outputs(self, outputs: torch.Tensor | np.ndarray) -> None:

@@ -18,14 +18,15 @@ CASES = [
     ({"train.momentum": 1.5}, "train.momentum must be a number in [0, 1), got 1.5"),
     ({"train.amp": "yes"}, "train.amp must be true or false, got 'yes'"),
     ({"train.grad_clip": 0}, "train.grad_clip must be a positive number, got 0"),
-    ({"data.crop_size": 96}, "data.crop_size must be a list, got 96"),
+    ({"data.crop_size": 96}, "data.crop_size must be a list of whole numbers, got 96"),
     ({"data.crop_size": [96]}, "data.crop_size must be [H, W] with two whole numbers >= 1, got [96]"),
     ({"data.scale_range": [2.0, 0.5]}, "data.scale_range must be [min, max] with 0 < min <= max"),
     ({"data.workers": -1}, "data.workers must be a number >= 0, got -1"),
     ({"data.val_batch_size": 0}, "data.val_batch_size must be a whole number >= 1, got 0"),
     ({"data.flip": 3}, "data.flip must be true or false, got 3"),
     ({"student.output_stride": 32}, "student.output_stride must be 8 or 16, got 32"),
-    ({"distill.taps": "logits"}, "distill.taps must be a list or null, got 'logits'"),
+    ({"distill.taps": "logits"}, "distill.taps must be a list of strings or null, got 'logits'"),
+    ({"distill.inherit": "head"}, "distill.inherit must be a list of strings, got 'head'"),
     ({"pretrain.lr": "x"}, "pretrain.lr must be a positive number, got 'x'"),
 ]
 
@@ -50,6 +51,10 @@ def test_pipeline_section_is_typed() -> None:
 
     with pytest.raises(ConfigError, match=r"pipeline\.verify_images must be a whole number >= 1, got 'all'"):
         PipelineOptions.from_recipe(load_recipe("digits", {"pipeline.verify_images": "all"}))
+    with pytest.raises(ConfigError, match=r"pipeline\.target must be a string or null, got 3"):
+        PipelineOptions.from_recipe(load_recipe("digits", {"pipeline.target": 3}))
+    with pytest.raises(ConfigError, match=r"Unknown target 'nowhere'"):
+        PipelineOptions.from_recipe(load_recipe("digits", {"pipeline.target": "nowhere"}))
     with pytest.raises(ConfigError, match=r"pipeline\.min_miou must be a fraction in \[0, 1\], got 55"):
         PipelineOptions.from_recipe(load_recipe("digits", {"pipeline.min_miou": 55}))
     with pytest.raises(ConfigError, match=r"Unknown key 'pipeline\.nope'"):
