@@ -414,8 +414,7 @@ def _given_teacher(path: Path) -> ModelRecord:
 
 
 def _export_record(name: str, res: Any) -> dict[str, Any]:
-    keep = ("images", "max_abs", "max_rel", "mean_abs", "argmax_agreement", "failures", "passed", "tolerances")
-    parity = {k: v for k, v in res.parity.items() if k in keep or k not in ("eval_config", "worst")}
+    parity = {k: v for k, v in res.parity.items() if k not in ("eval_config", "worst")}  # the report's part
     return asdict(ExportRecord(name, str(res.artifact), str(res.sidecar), res.precision, res.miou_torch,
                                res.miou_artifact, res.drop, parity, res.timings))
 
