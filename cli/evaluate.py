@@ -1,4 +1,5 @@
-"""``kdcompress evaluate``: checkpoint + dataset -> mIoU, pixel accuracy, mean class accuracy, per-class IoU."""
+"""``kdcompress evaluate``: checkpoint + dataset -> the task's metrics (segmentation: mIoU, pixel accuracy,
+mean class accuracy, per-class IoU; detection: COCO AP, AP50, AP75, APs/m/l, per-class AP)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ def evaluate(
 
     from kdcompress.tasks import TASKS
 
-    if report.get("per_class_iou"):
+    per_class = [(k, col) for k, col in (("per_class_iou", "IoU"), ("per_class_AP", "AP")) if report.get(k)]
+    for key, col in per_class:
         table = Table(title=f"{report['arch']} on {report['dataset']}/{report['split']} ({report['images']} images)")
         table.add_column("class")
-        table.add_column("IoU", justify="right")
-        for name, iou in report["per_class_iou"].items():
-            table.add_row(name, "n/a" if iou is None else f"{100 * iou:.2f}")
+        table.add_column(col, justify="right")
+        for name, value in report[key].items():
+            table.add_row(name, "n/a" if value is None else f"{100 * value:.2f}")
         console.print(table)
     task = TASKS.get(report["task"])
     console.print("  ".join((f"{col} [bold]{100 * report[key]:.2f}[/]" if key == task.headline

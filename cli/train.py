@@ -41,7 +41,8 @@ def _run(recipe_name: str, role: str, model: str | None, out: Path | None, sets:
 
     if is_main():
         m = res.metrics
-        console.print(f"[green]saved[/] {res.model_path}  step {res.step}  val mIoU {m.get('mIoU', float('nan')):.4f}  "
+        console.print(f"[green]saved[/] {res.model_path}  step {res.step}  val {res.headline} "
+                      f"{m.get(res.headline, float('nan')):.4f}  "
                       f"({res.wall_s:.0f} s)")
 
 

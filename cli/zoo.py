@@ -9,23 +9,24 @@ import typer
 from kdcompress.cli.common import Json, console, parse_size, print_json
 
 NumClasses = Annotated[int, typer.Option("--num-classes", "-k", min=1, help="Classes of the head (21 = VOC, 19 = Cityscapes).")]
+DetClasses = Annotated[int, typer.Option("--det-classes", min=2, help="Detector classes incl. background (81 = COCO).")]
 
 
-def models(num_classes: NumClasses = 21, json_: Json = False) -> None:
-    """List the model zoo with parameter counts."""
+def models(num_classes: NumClasses = 21, det_classes: DetClasses = 81, json_: Json = False) -> None:
+    """List the model zoo (segmentation and detection) with parameter counts."""
     from kdcompress.models import zoo_table
 
-    rows = zoo_table(num_classes)
+    rows = zoo_table(num_classes, det_classes)
     if json_:
         print_json(rows)
         return
     from rich.table import Table
 
-    table = Table(title=f"kdcompress model zoo ({num_classes} classes)")
-    for col in ("model", "params", "output stride", "paper"):
+    table = Table(title=f"kdcompress model zoo (segmentation: {num_classes} classes, detection: {det_classes})")
+    for col in ("model", "task", "params", "output stride", "paper"):
         table.add_column(col, justify="right" if col == "params" else "left")
     for r in rows:
-        table.add_row(r["name"], f"{r['params'] / 1e6:.2f} M", str(r["output_stride"]), r["paper"])
+        table.add_row(r["name"], r["task"], f"{r['params'] / 1e6:.2f} M", str(r["output_stride"] or "FPN"), r["paper"])
     console.print(table)
 
 
@@ -38,7 +39,9 @@ def taps(
     from kdcompress.models import build_model
     from kdcompress.taps import tap_shapes
 
-    m = build_model(model, num_classes)
+    from kdcompress.models import task_of
+
+    m = build_model(model, num_classes if task_of(model) == "segmentation" else max(num_classes, 2))
     size = parse_size(input_size)
     shapes = tap_shapes(m, size)
     rows = [{"tap": n, "module": t.path, "stride": t.stride, "shape": list(shapes[n]), "note": t.note}

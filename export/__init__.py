@@ -60,11 +60,11 @@ def _check_meta(ckpt: Path, meta: dict[str, Any], need_input_size: bool) -> None
 
 
 def _datasets(meta: dict[str, Any], data_root: str | Path | None, size: tuple[int, int], split: str, task: Task) -> Resized:
-    from kdcompress.data import build_dataset, val_transform
+    from kdcompress.data import build_dataset
 
     root = data_root if data_root is not None else meta.get("data_root")
     ds = build_dataset(meta["dataset"], str(root) if root is not None else None, split,
-                       val_transform(tuple(meta["mean"]), tuple(meta["std"])), **dict(meta.get("data_options") or {}))
+                       task.checkpoint_transform(meta), **dict(meta.get("data_options") or {}))
     k = getattr(getattr(ds, "info", None), "num_classes", None)
     if k is not None and int(k) != int(meta["num_classes"]):
         raise CheckpointError(f"the checkpoint predicts {meta['num_classes']} classes but dataset '{meta['dataset']}' "

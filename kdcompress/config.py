@@ -31,6 +31,8 @@ class DataConfig:
     crop_size: list[int] = field(default_factory=lambda: [96, 96])
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
+    # detection: [shorter side, longer-side cap] images are resized to (COCO: [800, 1333]); null = crop_size
+    resize: list[int] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # passed to the dataset builder
     workers: int = 0
     val_batch_size: int = 8
@@ -114,7 +116,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "profile_threads": _ONE_UP, "min_miou": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "max_export_drop": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"), "min_fps": _POS, "max_latency_ms": _POS,
 }
-PAIRS = {"crop_size": (True, "[H, W] with two whole numbers >= 1"), "profile_size": (True, "[H, W] with two whole numbers >= 1"),
+PAIRS = {"crop_size": (True, "[H, W] with two whole numbers >= 1"),
+         "resize": (True, "[shorter, longer] with two whole numbers >= 1"), "profile_size": (True, "[H, W] with two whole numbers >= 1"),
          "scale_range": (False, "[min, max] with 0 < min <= max")}
 
 

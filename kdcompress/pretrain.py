@@ -70,7 +70,8 @@ def torchvision_classifier(backbone: str, num_classes: int = 1000) -> nn.Module:
     from torchvision import models as tvm
 
     factories: dict[str, Callable[..., nn.Module]] = {
-        "r18": tvm.resnet18, "r50": tvm.resnet50, "r101": tvm.resnet101, "mbv2": tvm.mobilenet_v2}
+        "r18": tvm.resnet18, "r50": tvm.resnet50, "r101": tvm.resnet101, "mbv2": tvm.mobilenet_v2,
+        "mbv3": tvm.mobilenet_v3_large}
     if backbone not in factories:
         raise KdError(f"No pretraining for backbone '{backbone}'. Backbones: {', '.join(factories)}")
     return factories[backbone](weights=None, num_classes=num_classes)
@@ -106,7 +107,7 @@ def imagenet_file(backbone: str) -> Path:
     from torchvision import models as tvm
 
     enum = {"r18": tvm.ResNet18_Weights, "r50": tvm.ResNet50_Weights, "r101": tvm.ResNet101_Weights,
-            "mbv2": tvm.MobileNet_V2_Weights}[backbone].DEFAULT
+            "mbv2": tvm.MobileNet_V2_Weights, "mbv3": tvm.MobileNet_V3_Large_Weights}[backbone].DEFAULT
     fname = enum.url.rsplit("/", 1)[-1]
     path = Path(torch.hub.get_dir()) / "checkpoints" / fname
     if not path.is_file():
@@ -288,7 +289,7 @@ def resolve_pretrained(source: Any, backbone: str, *, data_name: str = "digits",
     if source is True or source == "imagenet":
         return imagenet_file(backbone)
     if source == "digits":
-        if data_name != "digits":
+        if data_name not in ("digits", "digits-det"):
             raise ConfigError(f"pretrained: digits is the built-in pretraining for the digits dataset, not "
                               f"'{data_name}'. Use imagenet or a weights file.")
         return ensure_digits_pretrained(backbone, data_seed, cfg, log=log)

@@ -52,6 +52,8 @@ class DatasetInfo:
     palette: tuple[tuple[int, int, int], ...] | None = None
     task: str = "segmentation"  # a name in kdcompress.tasks.TASKS
     image_size: tuple[int, int] | None = None  # (H, W) every image has, when the dataset fixes one
+    # Detection: the dataset's own (COCO) category id of contiguous label i is category_ids[i - 1]; 0 = background.
+    category_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.num_classes:
@@ -60,6 +62,9 @@ class DatasetInfo:
             raise ValueError(f"{self.name}: num_classes must be in 1..255 (255 is the ignore label)")
         if self.palette is not None and len(self.palette) < self.num_classes:
             raise ValueError(f"{self.name}: palette has {len(self.palette)} colours for {self.num_classes} classes")
+        if self.category_ids is not None and len(self.category_ids) != self.num_classes - 1:
+            raise ValueError(f"{self.name}: {len(self.category_ids)} category ids for {self.num_classes - 1} "
+                             f"foreground classes (label 0 is background)")
 
 
 DATASETS: Registry[Callable[..., "SegDataset"]] = Registry("dataset")
@@ -253,4 +258,4 @@ def seg_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
 
 
 # Loader modules register themselves; imported last because they use the names above.
-from kdcompress.data import camvid, cityscapes, digits, voc  # noqa: E402,F401
+from kdcompress.data import camvid, cityscapes, detection, digits, voc  # noqa: E402,F401

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from kdcompress.data.cityscapes import LABEL_TO_TRAIN
+from kdcompress.data.coco import write_coco_json
 from kdcompress.data.voc import voc_colormap
 
 Size = tuple[int, int]  # (height, width)
@@ -98,4 +99,43 @@ def write_camvid_fixture(root: str | Path, n_train: int = 4, n_val: int = 2, n_t
             name = f"0001TP_{split}_{k:04d}.png"
             _image(rng, size).save(root / split / name)
             Image.fromarray(_blobs(rng, size, values)).save(root / f"{split}annot" / name)
+    return root
+
+
+def write_coco_fixture(root: str | Path, n_train: int = 4, n_val: int = 2, size: Size = (48, 64),
+                       categories: tuple[tuple[int, str], ...] = ((1, "person"), (3, "car"), (18, "dog")),
+                       boxes_per_image: int = 2, seed: int = 0) -> Path:
+    """COCO 2017 layout: ``{train,val}2017/<id:012d>.jpg`` + ``annotations/instances_{train,val}2017.json``.
+
+    Every image gets ``boxes_per_image`` integer boxes inside it, categories cycling through
+    ``categories`` (so all appear). Train image ids are 1..n_train, val ids 101..100+n_val; the JSON
+    lists images in reverse id order (loaders must sort). The first train image also gets three
+    extras: a box hanging 10 px past the right edge (clipped), one of zero width (dropped) and a
+    crowd box (``iscrowd=1``, not a training target). Returns ``root``.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    cats = [{"id": int(c), "name": name, "supercategory": ""} for c, name in categories]
+    for split, n, first_id in (("train", n_train, 1), ("val", n_val, 101)):
+        img_dir = root / f"{split}2017"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for k in range(n):
+            iid = first_id + k
+            name = f"{iid:012d}.jpg"
+            _image(rng, size).save(img_dir / name, quality=90)
+            images.append({"id": iid, "file_name": name, "width": w, "height": h})
+            boxes = []
+            for j in range(boxes_per_image):
+                bw, bh = int(rng.integers(4, w // 2 + 1)), int(rng.integers(4, h // 2 + 1))
+                x, y = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+                boxes.append(([x, y, bw, bh], categories[(k * boxes_per_image + j) % len(categories)][0], 0))
+            if split == "train" and k == 0:
+                boxes += [([w - 10, 5, 20, 10], categories[0][0], 0), ([5, 5, 0, 10], categories[0][0], 0),
+                          ([0, 0, w // 2, h // 2], categories[0][0], 1)]
+            for bbox, cat, crowd in boxes:
+                anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": int(cat), "iscrowd": crowd,
+                             "area": float(bbox[2] * bbox[3]), "bbox": [float(v) for v in bbox]})
+        write_coco_json(root / "annotations" / f"instances_{split}2017.json", images[::-1], anns, cats)
     return root

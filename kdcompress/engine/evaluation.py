@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdcompress.data import build_dataset, val_transform
+from kdcompress.data import build_dataset, dataset_info
 from kdcompress.engine.checkpoint import load_model
 from kdcompress.engine.distributed import resolve_device
 from kdcompress.engine.evaluate import evaluate_model
 from kdcompress.errors import KdError
-from kdcompress.tasks import task_for
+from kdcompress.tasks import task_for, task_from_meta
 
 
 def checkpoint_dataset(meta: dict[str, Any], source: str, data: str | None, data_root: str | Path | None,
@@ -23,6 +23,13 @@ def checkpoint_dataset(meta: dict[str, Any], source: str, data: str | None, data
     same = name == meta.get("dataset")
     root = data_root if data_root is not None else (meta.get("data_root") if same else None)
     options = dict(meta.get("data_options") or {}) if same else {}
+    info = dataset_info(name, **options)
+    ckpt_task = meta.get("task", "segmentation")
+    if info.task != ckpt_task:  # before building: the transforms of one task cannot read the other's samples
+        raise KdError(f"'{source}' is a {ckpt_task} checkpoint but dataset '{name}' is a {info.task} dataset. "
+                      f"Use a {ckpt_task} dataset (kdcompress list datasets).")
+    if transform is None:
+        transform = task_from_meta(meta).checkpoint_transform(meta)
     return build_dataset(name, str(root) if root is not None else None, split, transform, **options)
 
 
@@ -33,14 +40,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_ro
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model, meta = load_model(checkpoint, dev)
-    ds = checkpoint_dataset(meta, str(checkpoint), data, data_root, split,
-                            val_transform(tuple(meta.get("mean", (0.485, 0.456, 0.406))),
-                                          tuple(meta.get("std", (0.229, 0.224, 0.225)))))
+    ds = checkpoint_dataset(meta, str(checkpoint), data, data_root, split, None)
     name = data or meta["dataset"]
-    ckpt_task = meta.get("task", "segmentation")
-    if ds.info.task != ckpt_task:
-        raise KdError(f"'{checkpoint}' is a {ckpt_task} checkpoint but dataset '{name}' is a {ds.info.task} dataset. "
-                      f"Evaluate it on a {ckpt_task} dataset.")
     if ds.info.num_classes != int(meta["num_classes"]):
         raise KdError(f"'{checkpoint}' predicts {meta['num_classes']} classes but dataset '{name}' has "
                       f"{ds.info.num_classes}. Evaluate it on the dataset it was trained on.")

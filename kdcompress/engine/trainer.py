@@ -213,8 +213,12 @@ def gradient_ratio(terms: dict[str, torch.Tensor], weights: dict[str, float],
     return norm(sum(distill)) / task if task > 0 else None
 
 
-def load_teacher(path: str, num_classes: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def load_teacher(path: str, num_classes: int, device: torch.device,
+                 task: str = "segmentation") -> tuple[nn.Module, dict[str, Any]]:
     teacher, meta = load_model(path, device)
+    if meta.get("task", "segmentation") != task:
+        raise KdError(f"Teacher '{path}' is a {meta.get('task', 'segmentation')} checkpoint but the dataset is a "
+                      f"{task} dataset. Use a {task} teacher trained on this dataset.")
     if int(meta["num_classes"]) != num_classes:
         raise KdError(f"Teacher '{path}' predicts {meta['num_classes']} classes but the dataset has {num_classes}. "
                       f"Use a teacher trained on this dataset.")
@@ -234,6 +238,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
     grad_ratio: dict[str, float | None] = field(default_factory=dict)  # distill ÷ task gradient at the taps
+    headline: str = "mIoU"  # the task's headline metric key in ``metrics``
 
 
 def _rng_state() -> dict[str, Any]:
@@ -389,7 +394,7 @@ def _models(recipe: Recipe, role: str, info: Any, device: torch.device,
     if method_cls.needs_teacher:
         if not distill or not distill.teacher_checkpoint:
             raise ConfigError(f"Method '{method_name}' needs a teacher checkpoint: pass --teacher PATH.")
-        teacher, teacher_meta = load_teacher(distill.teacher_checkpoint, info.num_classes, device)
+        teacher, teacher_meta = load_teacher(distill.teacher_checkpoint, info.num_classes, device, info.task)
     if distill is not None and distill.inherit:
         if teacher is None:
             raise ConfigError(f"distill.inherit {distill.inherit} copies teacher weights, but no teacher is given. "
@@ -406,7 +411,8 @@ def _models(recipe: Recipe, role: str, info: Any, device: torch.device,
         s_shapes = tap_shapes(student, crop, batch=1)  # every tap: build_method validates names
         t_shapes = tap_shapes(teacher, crop, batch=1) if teacher is not None else s_shapes
         # a model may name the taps its task distils (detectors: FPN levels) unless the recipe names taps
-        default_taps = getattr(student, "distill_taps", None) if METHODS.get(method_name).default_taps else None
+        default_taps = getattr(student, "distill_taps", None) if method_cls.default_taps and \
+            method_cls.reads == "features" else None
         method = build_method(method_name, s_shapes, t_shapes, info.num_classes,
                               taps=distill.taps or default_taps or None, student_name=arch,
                               teacher_name=teacher_meta.get("arch", "teacher"),
@@ -489,7 +495,8 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
         "std": list(train_set.transform.std), "task": info.task,
         # The export's default input: the validation images' own size when the dataset fixes one, so
         # `evaluate` and export verification score identical images; else the training crop.
-        "input_size": list(info.image_size or recipe.data.crop_size),
+        "input_size": list(info.image_size or task_def.export_size(recipe.data)),
+        "resize": recipe.data.resize,
         "ignore_index": info.ignore_index, "dataset": recipe.data.name, "data_root": recipe.data.root,
         "data_options": data_options(recipe.data), "role": role, "method": method_name,
         "teacher": teacher_meta.get("arch"), "recipe": recipe.name, "kdcompress_version": kdcompress.__version__,
@@ -625,4 +632,5 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
     if dist_utils.is_main():
         model_path = save(last_metrics)
     dist_utils.barrier()
-    return TrainResult(out_dir, model_path, step, last_metrics, time.perf_counter() - t0, grad_ratios)
+    return TrainResult(out_dir, model_path, step, last_metrics, time.perf_counter() - t0, grad_ratios,
+                       task_def.headline)

@@ -32,6 +32,9 @@ class DistillMethod(nn.Module):
     default_taps: ClassVar[tuple[str, ...]] = ()
     default_hparams: ClassVar[dict[str, float]] = {}
     needs_teacher: ClassVar[bool] = True
+    #: "features": any B×C×H×W map (a detector's FPN levels stand in for the default taps);
+    #: "logits": class scores per pixel, which detectors do not have
+    reads: ClassVar[str] = "features"
     #: distillation-weight warm-up when the recipe sets none (fraction of the schedule or steps)
     default_warmup: ClassVar[float] = 0.0
 

@@ -52,6 +52,7 @@ class LogitKD(DistillMethod):
     name: ClassVar[str] = "kd"
     default_taps: ClassVar[tuple[str, ...]] = ("logits",)
     default_hparams: ClassVar[dict[str, float]] = {"weight": 1.0, "T": 1.0}
+    reads: ClassVar[str] = "logits"
 
     def __init__(
         self,

@@ -6,7 +6,8 @@ from typing import Callable
 
 from torch import nn
 
-from kdcompress.errors import KdError
+from kdcompress.errors import ConfigError, KdError
+from kdcompress.models.detection import DET_ZOO, DetModel
 from kdcompress.models.segmentation import SegModel
 from kdcompress.registry import Registry
 
@@ -31,8 +32,20 @@ def _factory(name: str, head: str, backbone: str, default_os: int) -> Callable[.
     return build
 
 
+def _det_factory(name: str, detector: str, backbone: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, output_stride: int | None = None, pretrained: bool = False) -> nn.Module:
+        if output_stride is not None:
+            raise ConfigError(f"output_stride does not apply to detector '{name}' (one stride per FPN level); "
+                              f"remove it from the recipe.")
+        return DetModel(name, detector, backbone, num_classes, pretrained)
+
+    return build
+
+
 for _name, (_head, _bb, _os, _ref) in ZOO.items():
     MODELS.add(_name, _factory(_name, _head, _bb, _os))
+for _name, (_det, _bb, _ref) in DET_ZOO.items():
+    MODELS.add(_name, _det_factory(_name, _det, _bb))
 
 
 def build_model(name: str, num_classes: int, output_stride: int | None = None, pretrained: bool = False) -> nn.Module:
@@ -42,7 +55,13 @@ def build_model(name: str, num_classes: int, output_stride: int | None = None, p
 def backbone_of(name: str) -> str:
     """Backbone key (``r18``, ``mbv2``...) of a zoo model, for pretrained-weight lookup."""
     MODELS.get(name)
-    return ZOO[name][1]
+    return ZOO[name][1] if name in ZOO else DET_ZOO[name][1]
+
+
+def task_of(name: str) -> str:
+    """The task a zoo model solves (a checkpoint of one task is refused by the other's commands)."""
+    MODELS.get(name)
+    return "detection" if name in DET_ZOO else "segmentation"
 
 
 def resolve_model_name(name: str, reference: str | None = None) -> str:
@@ -60,14 +79,17 @@ def resolve_model_name(name: str, reference: str | None = None) -> str:
     return name
 
 
-def zoo_table(num_classes: int = 21) -> list[dict]:
-    """Name, parameter count and paper reference of every model (built on the meta device: no memory)."""
+def zoo_table(num_classes: int = 21, det_classes: int = 81) -> list[dict]:
+    """Name, task, parameter count and paper reference of every model (built on the meta device: no
+    memory); segmentation counted at ``num_classes``, detection at ``det_classes`` (COCO: 80 + background)."""
     import torch
 
     rows = []
-    for name, (head, backbone, os_, ref) in ZOO.items():
+    for name in MODELS.names():
+        seg = name in ZOO
+        head, backbone, os_, ref = ZOO[name] if seg else (DET_ZOO[name][0], DET_ZOO[name][1], None, DET_ZOO[name][2])
         with torch.device("meta"):
-            m = build_model(name, num_classes)
-        rows.append({"name": name, "head": head, "backbone": backbone, "output_stride": os_,
+            m = build_model(name, num_classes if seg else det_classes)
+        rows.append({"name": name, "task": task_of(name), "head": head, "backbone": backbone, "output_stride": os_,
                      "params": sum(p.numel() for p in m.parameters()), "paper": ref})
     return rows

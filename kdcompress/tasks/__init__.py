@@ -91,6 +91,14 @@ class Task(ABC):
 
         return val_transform(tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD))
 
+    def checkpoint_transform(self, meta: dict[str, Any]) -> Any:
+        """The evaluation transform a checkpoint was validated with (its normalisation, its resize)."""
+        return self.val_transform(None, meta.get("mean"), meta.get("std"))
+
+    def export_size(self, data: Any) -> tuple[int, int]:
+        """The default export input (H, W) when the dataset fixes no image size: the training crop."""
+        return int(data.crop_size[0]), int(data.crop_size[1])
+
     @abstractmethod
     def collate(self, batch: Sequence[Any]) -> tuple[torch.Tensor, Any]:
         """(image, target) samples -> (image batch, targets)."""
@@ -165,9 +173,11 @@ def task_from_meta(meta: dict[str, Any]) -> Task:
 
 
 def _register() -> None:
+    from kdcompress.tasks.detection import DetectionTask
     from kdcompress.tasks.segmentation import SegmentationTask
 
     TASKS.add("segmentation", SegmentationTask)
+    TASKS.add("detection", DetectionTask)
 
 
 _register()

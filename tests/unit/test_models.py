@@ -38,7 +38,8 @@ def test_acam_zoo_params(name: str) -> None:
 
 def test_zoo_table_lists_every_model() -> None:
     rows = zoo_table(21)
-    assert [r["name"] for r in rows] == list(ZOO)
+    assert [r["name"] for r in rows] == MODELS.names()
+    assert set(ZOO) <= {r["name"] for r in rows if r["task"] == "segmentation"}
     assert all(r["params"] > 1e6 for r in rows)
 
 
@@ -94,7 +95,10 @@ def test_shorthands_resolve_against_teacher_head() -> None:
     assert resolve_model_name("pspnet-r18", "deeplabv3-r101") == "pspnet-r18"
     with pytest.raises(KdError, match="No model 'pspnet-mbv2'"):
         resolve_model_name("mbv2", "pspnet-r18")
-    assert set(MODELS.names()) == set(ZOO)
+    assert resolve_model_name("r18", "retinanet-r101") == "retinanet-r18"
+    from kdcompress.models.detection import DET_ZOO
+
+    assert set(MODELS.names()) == set(ZOO) | set(DET_ZOO)
 
 
 def test_check_input_size_says_which_multiples() -> None:
