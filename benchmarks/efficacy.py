@@ -49,9 +49,13 @@ ABLATIONS = [  # one ACAM fix switched off at a time (first seed only, for the t
 ]
 
 
-def default_rows() -> list[str]:
+def default_rows(task: str = "segmentation") -> list[str]:
+    """Every registered method at its defaults (+ the segmentation variants); detectors have no logits,
+    so logit methods are left out there, and the variants name segmentation taps."""
     from kdcompress.methods import METHODS
 
+    if task != "segmentation":
+        return ["none"] + [m for m in METHODS.names() if m != "none" and METHODS.get(m).reads == "features"]
     first = ["none", "kd"]
     return first + [m for m in METHODS.names() if m not in first] + VARIANTS
 
@@ -83,6 +87,7 @@ def linear_cka(x: Any, y: Any) -> float:
 
 
 def feature_cka(student: Any, teacher: Any, images: Any, tap: str = "backbone") -> float:
+    """Linear CKA at one tap (segmentation: ``backbone``; detection: the first distilled FPN level)."""
     import torch
     import torch.nn.functional as F
 
@@ -103,7 +108,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="digits")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=None, help="rows (default: every method + the variants)")
-    ap.add_argument("--ablations", nargs="*", default=ABLATIONS, help="rows run on the first seed only")
+    ap.add_argument("--ablations", nargs="*", default=None,
+                    help="rows run on the first seed only (default: the ACAM-KD ablations, segmentation only)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override, e.g. student.train.steps=300")
     ap.add_argument("--work", type=Path, default=None, help="cache folder (default $KDCOMPRESS_CACHE/efficacy)")
     ap.add_argument("--cka-images", type=int, default=32)
@@ -111,20 +117,23 @@ def main() -> None:
                     help="build the table from finished (cached) runs only; list the runs still missing")
     ap.add_argument("--out", type=Path, default=RESULTS / "efficacy.json")
     args = ap.parse_args()
-    rows = args.methods or default_rows()
 
     import torch
 
     from kdcompress.config import load_recipe, role_train
-    from kdcompress.data import seg_collate
+    from kdcompress.data import dataset_info
     from kdcompress.data.digits import cache_dir
     from kdcompress.engine.checkpoint import atomic_write_text, load_model, load_model_checkpoint
     from kdcompress.engine.trainer import build_datasets, seed_everything, train
     from kdcompress.models import backbone_of, build_model
     from kdcompress.pretrain import read_pretrain_record, resolve_pretrained
     from kdcompress.profiling.latency import environment
+    from kdcompress.tasks import task_for
 
     base = load_recipe(args.recipe, args.sets)
+    task = task_for(dataset_info(base.data.name, **base.data.options))
+    H = task.headline  # mIoU (segmentation) or mAP (detection): the keys of every row
+    rows = args.methods or default_rows(task.name)
     work = args.work or cache_dir() / "efficacy"
     t_start = time.perf_counter()
 
@@ -142,24 +151,26 @@ def main() -> None:
     tckpt = tdir / "model.pt"
     meta = load_model_checkpoint(tckpt)["meta"] if tckpt.is_file() else {}
     if meta and meta.get("step") == meta.get("total_steps"):
-        teacher_miou, teacher_wall = meta["metrics"]["mIoU"], None
-        print(f"teacher (cached): {tckpt}  mIoU {teacher_miou:.4f}", flush=True)
+        teacher_miou, teacher_wall = meta["metrics"][H], None
+        print(f"teacher (cached): {tckpt}  {H} {teacher_miou:.4f}", flush=True)
     else:
         res = train(base, "teacher", tdir, resume=(tdir / "state.pt").is_file(), force=True)
-        teacher_miou, teacher_wall = res.metrics["mIoU"], res.wall_s
-        print(f"teacher: mIoU {teacher_miou:.4f} in {res.wall_s:.0f} s", flush=True)
+        teacher_miou, teacher_wall = res.metrics[H], res.wall_s
+        print(f"teacher: {H} {teacher_miou:.4f} in {res.wall_s:.0f} s", flush=True)
     teacher, _ = load_model(tckpt)
-    _, val_set = build_datasets(base.data)
-    images, _ = seg_collate([val_set[i] for i in range(min(args.cka_images, len(val_set)))])
+    _, val_set = build_datasets(base.data, task)
+    images, _ = task.collate([val_set[i] for i in range(min(args.cka_images, len(val_set)))])
     num_classes = int(teacher.num_classes)
+    cka_tap = (getattr(teacher, "distill_taps", None) or ("backbone",))[0]
 
     def init_cka(seed: int) -> float:
         seed_everything(seed)
         return feature_cka(build_model(base.student.model, num_classes, base.student.output_stride,
-                                       pre["student"] or False), teacher, images)
+                                       pre["student"] or False), teacher, images, cka_tap)
 
     plan = [(label, seed) for label in rows for seed in args.seeds]
-    plan += [(label, args.seeds[0]) for label in args.ablations if label not in rows]
+    ablations = args.ablations if args.ablations is not None else ABLATIONS if task.name == "segmentation" else []
+    plan += [(label, args.seeds[0]) for label in ablations if label not in rows]
     runs: list[dict[str, Any]] = []
     missing: list[str] = []
     for label, seed in plan:
@@ -181,50 +192,50 @@ def main() -> None:
             res = train(r, "student", rdir, force=True, progress=False)
             student, _ = load_model(res.model_path)
             curve = [(json.loads(x)) for x in (rdir / "metrics.jsonl").read_text().splitlines()]
-            row = {"method": label, "seed": seed, "mIoU": res.metrics["mIoU"], "wall_s": res.wall_s,
-                   "grad_ratio": res.grad_ratio, "cka_end": feature_cka(student, teacher, images),
+            row = {"method": label, "seed": seed, H: res.metrics[H], "wall_s": res.wall_s,
+                   "grad_ratio": res.grad_ratio, "cka_end": feature_cka(student, teacher, images, cka_tap),
                    "cka_init": init_cka(seed),
-                   "curve": [[c["step"], c["val"]["mIoU"]] for c in curve if "val" in c]}
+                   "curve": [[c["step"], c["val"][H]] for c in curve if "val" in c]}
             atomic_write_text(cached, json.dumps(row))  # an interrupted run never leaves half a result
         runs.append(row)
         gr = row.get("grad_ratio") or {}
-        print(f"{label:60s} seed {seed}: mIoU {row['mIoU']:.4f} ({row['wall_s']:.0f} s)  grad ratio "
+        print(f"{label:60s} seed {seed}: {H} {row[H]:.4f} ({row['wall_s']:.0f} s)  grad ratio "
               f"{_fmt(gr.get('start'))} -> {_fmt(gr.get('end'))}  CKA {row['cka_init']:.3f} -> {row['cka_end']:.3f}",
               flush=True)
 
     if missing:
         print(f"not run (time budget): {', '.join(missing)}")
-    none = [x["mIoU"] for x in runs if x["method"] == "none"]
+    none = [x[H] for x in runs if x["method"] == "none"]
     none_mean = statistics.mean(none) if none else float("nan")
     gap = teacher_miou - none_mean
     table = []
     for label in dict.fromkeys(x["method"] for x in runs):
         sel = [x for x in runs if x["method"] == label]
-        vals = [x["mIoU"] for x in sel]
+        vals = [x[H] for x in sel]
         mean = statistics.mean(vals)
 
         def avg(get: Any) -> float | None:
             got = [v for v in map(get, sel) if v is not None]
             return statistics.mean(got) if got else None
 
-        table.append({"method": label, "mIoU_mean": mean, "mIoU_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        table.append({"method": label, f"{H}_mean": mean, f"{H}_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                       "seeds": [x["seed"] for x in sel], "runs": vals,
                       "gain_over_none": mean - none_mean, "gap_recovered": (mean - none_mean) / gap if gap > 0 else None,
                       "grad_ratio_start": avg(lambda x: (x.get("grad_ratio") or {}).get("start")),
                       "grad_ratio_end": avg(lambda x: (x.get("grad_ratio") or {}).get("end")),
                       "cka_init": avg(lambda x: x.get("cka_init")), "cka_end": avg(lambda x: x.get("cka_end")),
                       "mean_wall_s": statistics.mean(x["wall_s"] for x in sel)})
-    print(f"\nteacher {base.teacher.model}: mIoU {100 * teacher_miou:.2f}   student {base.student.model}, "
+    print(f"\nteacher {base.teacher.model}: {H} {100 * teacher_miou:.2f}   student {base.student.model}, "
           f"{role_train(base, 'student').steps} steps")
-    print(f"{'method':60s} {'n':>2s} {'mIoU (%)':>14s} {'gain':>7s} {'gap rec.':>9s} {'grad ratio':>14s} {'CKA':>13s}")
+    print(f"{'method':60s} {'n':>2s} {H + ' (%)':>14s} {'gain':>7s} {'gap rec.':>9s} {'grad ratio':>14s} {'CKA':>13s}")
     for t in table:
         rec = "n/a" if t["gap_recovered"] is None else f"{100 * t['gap_recovered']:.0f} %"
-        print(f"{t['method']:60s} {len(t['runs']):2d} {100 * t['mIoU_mean']:7.2f} ± {100 * t['mIoU_std']:4.2f} "
+        print(f"{t['method']:60s} {len(t['runs']):2d} {100 * t[H + '_mean']:7.2f} ± {100 * t[H + '_std']:4.2f} "
               f"{100 * t['gain_over_none']:+7.2f} {rec:>9s} {_fmt(t['grad_ratio_start']):>6s} -> "
               f"{_fmt(t['grad_ratio_end']):>5s} {t['cka_init']:.3f} -> {t['cka_end']:.3f}")
-    out = {"benchmark": "efficacy", "recipe": base.name,
-           "teacher": {"model": base.teacher.model, "mIoU": teacher_miou, "wall_s": teacher_wall,
-                       "curve": [[c["step"], c["val"]["mIoU"]] for c in map(json.loads,
+    out = {"benchmark": "efficacy", "recipe": base.name, "task": task.name, "metric": H,
+           "teacher": {"model": base.teacher.model, H: teacher_miou, "wall_s": teacher_wall,
+                       "curve": [[c["step"], c["val"][H]] for c in map(json.loads,
                                  (tdir / "metrics.jsonl").read_text().splitlines()) if "val" in c],
                        "train": asdict(role_train(base, "teacher"))},
            "student": {"model": base.student.model, "train": asdict(role_train(base, "student"))},
