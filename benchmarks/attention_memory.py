@@ -13,7 +13,11 @@ RSS at once, and a small warm-up step runs first so one-off kernel/thread-pool s
 counted. Inputs and parameters exist before the step and are not counted; the input gradient
 is. The naive variant runs only while its quadratically extrapolated peak fits the budget.
 
-Usage: ``python benchmarks/attention_memory.py`` (writes benchmarks/results/attention_memory.json)
+Usage: ``python benchmarks/attention_memory.py`` (writes benchmarks/results/attention_memory.json).
+Detection scale (FPN P3 and P2 of a 1088×800 image, 136×100 and 272×200 positions)::
+
+    python benchmarks/attention_memory.py --cases cankd_c256 acam_fpn_c256 --sizes 136x100 272x200 \
+        --ours-max-n --out benchmarks/results/attention_memory_fpn.json
 """
 
 from __future__ import annotations
@@ -58,7 +62,16 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run_case(case: str, mode: str, n: int, device: str, threads: int) -> dict[str, Any]:
+def grid(size: str) -> tuple[int, int]:
+    """'272x200' -> (272, 200); a plain position count N -> the square grid of N positions."""
+    if "x" in size:
+        h, w = size.split("x")
+        return int(h), int(w)
+    side = int(round(int(size) ** 0.5))
+    return side, side
+
+
+def run_case(case: str, mode: str, size: str, device: str, threads: int) -> dict[str, Any]:
     """Child process body: one forward + backward, returns the peak extra memory in bytes."""
     import gc
 
@@ -68,11 +81,11 @@ def run_case(case: str, mode: str, n: int, device: str, threads: int) -> dict[st
 
     torch.set_num_threads(threads)
     method_name, channels, hparams, _ = CASES[case]
-    side = int(round(n**0.5))
+    grid_hw = grid(size)
     tap = "logits" if case.startswith("acam_logits") else "feat"
 
-    def build(hw: int) -> tuple[torch.nn.Module, dict, dict]:
-        shape = torch.Size((1, channels, hw, hw))
+    def build(hw: tuple[int, int]) -> tuple[torch.nn.Module, dict, dict]:
+        shape = torch.Size((1, channels, *hw))
         method = build_method(
             method_name, {tap: shape}, {tap: shape}, num_classes=19, taps=[tap], **hparams
         ).to(device)
@@ -90,10 +103,10 @@ def run_case(case: str, mode: str, n: int, device: str, threads: int) -> dict[st
         loss.backward()
         return float(loss.detach())
 
-    warm = build(16)
+    warm = build((16, 16))
     step(*warm)
     del warm
-    method, s, t = build(side)
+    method, s, t = build(grid_hw)
     gc.collect()
     cuda = device == "cuda"
     if cuda:
@@ -122,12 +135,12 @@ def run_case(case: str, mode: str, n: int, device: str, threads: int) -> dict[st
     return {"peak_bytes": max(0, peak - base), "seconds": seconds, "loss": loss, "how": how}
 
 
-def spawn(case: str, mode: str, n: int, device: str, threads: int, timeout: float) -> dict:
+def spawn(case: str, mode: str, size: str, device: str, threads: int, timeout: float) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, __file__, "--child", case, mode, str(n), device, str(threads)]
+    cmd = [sys.executable, __file__, "--child", case, mode, size, device, str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{case}/{mode}/N={n} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{case}/{mode}/{size} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -156,7 +169,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=5, metavar=("CASE", "MODE", "N", "DEVICE", "THREADS"))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--sizes", nargs="+", default=[str(n) for n in SIZES],
+                        help="positions N (square grids) or HxW grids such as 272x200")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--naive-budget-gib", type=float, default=4.0,
                         help="skip the naive variant when its extrapolated peak exceeds this")
@@ -166,8 +180,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        case, mode, n, device, threads = args.child
-        print(json.dumps(run_case(case, mode, int(n), device, int(threads))))
+        case, mode, size, device, threads = args.child
+        print(json.dumps(run_case(case, mode, size, device, int(threads))))
         return
 
     import torch
@@ -186,12 +200,15 @@ def main() -> None:
     for case in args.cases:
         for mode in ("naive", "ours"):
             last: dict[str, Any] | None = None  # last measured row of this series
-            for n in args.sizes:
+            for size in args.sizes:
+                h, w = grid(size)
+                n = h * w
                 row: dict[str, Any] = {
                     "case": case,
                     "description": CASES[case][3],
                     "mode": mode,
                     "positions": n,
+                    "grid": [h, w],
                     "channels": CASES[case][1],
                 }
                 skip = None
@@ -213,7 +230,7 @@ def main() -> None:
                     rows.append(row)
                     print(f"{case:<16} {mode:<6} {n:>6} {skip}")
                     continue
-                row.update(spawn(case, mode, n, device, threads, timeout=600))
+                row.update(spawn(case, mode, size, device, threads, timeout=600))
                 peak = row["peak_bytes"]
                 row["bytes_per_position"] = round(peak / n, 1)
                 marginal = ratio = None
@@ -236,7 +253,8 @@ def main() -> None:
 
     # The same loss from both variants cross-checks that the rows compare like with like.
     for case in args.cases:
-        for n in args.sizes:
+        for size in args.sizes:
+            n = grid(size)[0] * grid(size)[1]
             pair = [r for r in rows if r["case"] == case and r["positions"] == n and "loss" in r]
             if len(pair) == 2:
                 a, b = (float(r["loss"]) for r in pair)

@@ -48,7 +48,9 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "poly"  # poly | cosine | onecycle
+    schedule: str = "poly"  # poly | cosine | onecycle | step
+    # step: lr x 0.1 at each of these fractions of the schedule (mmdet 1x/2x: epochs 8, 11 of 12 / 16, 22 of 24)
+    milestones: list[float] = field(default_factory=lambda: [0.667, 0.917])
     power: float = 0.9
     warmup_steps: int = 0
     grad_clip: float | None = None
@@ -220,8 +222,11 @@ def distill_warmup_steps(warmup: float, total: int) -> int:
 def validate_train(t: TrainConfig) -> None:
     if t.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}.")
-    if t.schedule not in ("poly", "cosine", "onecycle"):
-        raise ConfigError(f"train.schedule must be poly, cosine or onecycle, got {t.schedule!r}.")
+    if t.schedule not in ("poly", "cosine", "onecycle", "step"):
+        raise ConfigError(f"train.schedule must be poly, cosine, onecycle or step, got {t.schedule!r}.")
+    if not all(0 < m < 1 for m in t.milestones) or list(t.milestones) != sorted(t.milestones):
+        raise ConfigError(f"train.milestones must be increasing fractions of the schedule in (0, 1), "
+                          f"got {t.milestones!r}.")
     if t.steps is None and t.epochs is None:
         raise ConfigError("Set train.steps or train.epochs (e.g. --steps 1000).")
     for key in ("steps", "epochs"):

@@ -30,14 +30,27 @@ def as_batch(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     return x
 
 
+Outputs = Any  # one float32 array (segmentation logits) or a tuple of arrays (detection: boxes, scores, ...)
+
+
+def to_numpy(out: Any) -> Outputs:
+    """A model's output as numpy: one float32 array, or a tuple (graph output order, dtypes kept)."""
+    if isinstance(out, dict):  # torchvision-style {"out": ...}
+        out = out["out"]
+    if isinstance(out, (tuple, list)):
+        return tuple(o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in out)
+    return out.float().cpu().numpy()
+
+
 class Runner(ABC):
-    """``infer(batch) -> logits``; usable as a context manager that calls ``close``."""
+    """``infer(batch) -> outputs``; usable as a context manager that calls ``close``."""
 
     name: str = "runner"
 
     @abstractmethod
-    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Logits (N x K x H x W float32 numpy) for a normalised N x 3 x H x W batch."""
+    def infer(self, x: np.ndarray | torch.Tensor) -> Outputs:
+        """Logits (N x K x H x W float32 numpy) for a normalised N x 3 x H x W batch; a tuple of arrays for
+        a multi-output graph (detection: boxes, scores, labels, num_detections)."""
 
     def close(self) -> None:
         """Release sessions / GPU memory; idempotent."""
@@ -66,10 +79,7 @@ class TorchRunner(Runner):
     def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         x = as_batch(x)
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
-        out = self.model(t.to(self.device, torch.float32))
-        if isinstance(out, dict):  # torchvision-style {"out": ...}
-            out = out["out"]
-        return out.float().cpu().numpy()
+        return to_numpy(self.model(t.to(self.device, torch.float32)))
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
@@ -87,20 +97,21 @@ class OrtRunner(Runner):
                                           optimization_level=optimization_level)
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_name = self.output_names[0]
         self.name = f"ort-{self.providers[0].replace('ExecutionProvider', '').lower()}"
 
-    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    def infer(self, x: np.ndarray | torch.Tensor) -> Outputs:
         x = as_batch(x)
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         try:
-            (out,) = self.session.run([self.output_name], {self.input_name: arr})
+            outs = self.session.run(self.output_names, {self.input_name: arr})
         except Exception as e:
             shape = [d for d in self.session.get_inputs()[0].shape]
             raise ExportError(f"ONNX Runtime failed on an input of shape {list(arr.shape)} (model expects {shape}): "
                               f"{str(e).strip().splitlines()[0][:200]}. Feed the exported size or export with dynamic axes.") from e
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(outs[0], dtype=np.float32) if len(outs) == 1 else tuple(np.asarray(o) for o in outs)
 
     def close(self) -> None:
         self.session = None

@@ -134,6 +134,8 @@ def lr_lambda(t: TrainConfig, total: int) -> Callable[[int], float]:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         p = min(1.0, step / max(1, total))
+        if t.schedule == "step":
+            return 0.1 ** sum(p >= m for m in t.milestones)
         if t.schedule == "poly":
             return (1 - p) ** t.power
         return 0.5 * (1 + math.cos(math.pi * p))
