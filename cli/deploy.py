@@ -22,7 +22,7 @@ def export(
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, fp16 or int8 (per target).")] = None,
     max_abs: Annotated[Optional[float], typer.Option("--max-abs", help="Max |logit| difference allowed.")] = None,
     min_argmax: Annotated[Optional[float], typer.Option("--min-argmax", help="Min pixel argmax agreement.")] = None,
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Max mIoU drop vs PyTorch (absolute).")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Max drop of the task metric (mIoU, mAP) vs PyTorch (absolute).")] = None,
     verify_images: Annotated[int, typer.Option("--verify-images", help="Val images for tensor parity.")] = 8,
     max_eval_images: Annotated[Optional[int], typer.Option("--max-eval-images", help="Limit the mIoU check.")] = None,
     calib_images: Annotated[Optional[int], typer.Option("--calib-images", help="Training images for INT8 calibration (default 32).")] = None,
@@ -41,7 +41,7 @@ def export(
     opts.update({k: v for k, v in explicit.items() if v is not None})
     tol = dict(preset["tolerances"])
     tol.update({k: v for k, v in {"max_abs": max_abs, "min_argmax_agreement": min_argmax,
-                                  "max_miou_drop": max_drop}.items() if v is not None})
+                                  "max_drop": max_drop}.items() if v is not None})
     res = export_checkpoint(checkpoint, to=opts.pop("to", "onnx"), out_path=out,
                             input_size=tuple(opts.pop("input_size")) if opts.get("input_size") else None,
                             tolerances=tol or None, verify_images=verify_images, max_eval_images=max_eval_images,
@@ -50,10 +50,8 @@ def export(
     if json_:
         print_json(res.as_dict())
         return
-    par = res.parity.get("artifact", res.parity)
-    console.print(f"[green]verified[/] {res.artifact} ({res.precision})  "
-                  f"max|Δ| {par.get('max_abs', float('nan')):.2e}  argmax agreement {par.get('argmax_agreement', float('nan')):.5f}  "
-                  f"mIoU torch {res.miou_torch:.4f} → artifact {res.miou_artifact:.4f} (drop {res.drop:+.4f})")
+    console.print(f"[green]verified[/] {res.artifact} ({res.precision})  {res.summary}  "
+                  f"{res.metric} torch {res.miou_torch:.4f} → artifact {res.miou_artifact:.4f} (drop {res.drop:+.4f})")
     console.print(f"metadata: {res.sidecar}")
 
 

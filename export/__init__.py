@@ -127,7 +127,7 @@ def export_checkpoint(
     to: str = "onnx",
     out_path: str | Path | None = None,
     input_size: tuple[int, int] | None = None,
-    dynamic_batch: bool = True,
+    dynamic_batch: bool | None = None,
     dynamic_spatial: bool = False,
     opset: int = DEFAULT_OPSET,
     precision: str | None = None,
@@ -160,6 +160,11 @@ def export_checkpoint(
     prog = _Progress(progress)
     with prog.stage("load", f"load {ckpt.name}"):
         model, meta, size, task, val = _load(ckpt, input_size, data_root)
+    if dynamic_batch is None:
+        dynamic_batch = task.dynamic_shapes
+    if not task.dynamic_shapes and (dynamic_batch or dynamic_spatial):
+        raise ExportError(f"{task.name} graphs are exported with static shapes (post-processing runs per image "
+                          f"at the export size); drop --dynamic-batch / --dynamic-spatial.")
     tol = resolve_tolerances(precision, tolerances, task)
     artifact, fp32_path = _default_paths(ckpt, to, precision, out_path)
     torch_ref = TorchRunner(model, "cpu")
@@ -180,11 +185,11 @@ def export_checkpoint(
         fp32_parity = _export_fp32(src, fp32_path, resolve_tolerances("fp32", tolerances if precision == "fp32" else None,
                                                                       task))
     if backend.build is None:
-        return ExportResult(target=to, precision="fp32", artifact=fp32_path, sidecar=sidecar_path(fp32_path),
-                            parity=fp32_parity, miou_torch=fp32_parity["miou_torch"],
-                            miou_artifact=fp32_parity["miou_artifact"], drop=fp32_parity["miou_drop"],
-                            timings=prog.timings, onnx_fp32=fp32_path, onnx_parity=fp32_parity,
-                            eval_images=fp32_parity["eval_images"])
+        return _labelled(ExportResult(target=to, precision="fp32", artifact=fp32_path, sidecar=sidecar_path(fp32_path),
+                                      parity=fp32_parity, miou_torch=fp32_parity["miou_torch"],
+                                      miou_artifact=fp32_parity["miou_artifact"], drop=fp32_parity["miou_drop"],
+                                      timings=prog.timings, onnx_fp32=fp32_path, onnx_parity=fp32_parity,
+                                      eval_images=fp32_parity["eval_images"]), task)
     miou_torch = fp32_parity.get("miou_torch") if fp32_parity.get("eval_config") == eval_config else None
     if miou_torch is None:  # reused ONNX verified on other images: score PyTorch on these
         with prog.stage("miou_torch", f"{task.headline} PyTorch"):
@@ -199,7 +204,14 @@ def export_checkpoint(
                     verify_images=verify_images, max_eval_images=max_eval_images, calib=calib, opset=opset,
                     options={"workspace_mb": workspace_mb, "timing_cache": timing_cache, "calib_cache": calib_cache,
                              "min_shape": min_shape, "opt_shape": opt_shape, "max_shape": max_shape})
-    return backend.build(job)  # type: ignore[misc]  (every target but onnx has a builder)
+    return _labelled(backend.build(job), task)  # type: ignore[misc]  (every target but onnx has a builder)
+
+
+def _labelled(res: ExportResult, task: Task) -> ExportResult:
+    """The task's metric name and parity summary on a result, for reports that name no task."""
+    res.metric = task.headline
+    res.summary = task.parity().summary(res.parity.get("artifact", res.parity))
+    return res
 
 
 def _check_request(to: str, precision: str | None, opset: int, verify_images: int, max_eval_images: int | None,
@@ -238,11 +250,23 @@ def _load(ckpt: Path, input_size: tuple[int, int] | None,
     if callable(check):
         check(size)  # KdError naming the multiples that work
     task = task_from_meta(meta)
+    model = _exportable(model, task)
     val = _datasets(meta, data_root, size, "val", task)  # type: ignore[arg-type]
     if len(val) == 0:
         raise ExportError(f"the validation split of '{meta['dataset']}' is empty: export cannot be verified. "
                           f"Check --data-root.")
     return model, meta, size, task, val  # type: ignore[return-value]
+
+
+def _exportable(model: Any, task: Task) -> Any:
+    """The module an artifact holds: detectors get a post-processing written for export (static top-k, box
+    decoding, ONNX NonMaxSuppression; ``det_postprocess``), whose PyTorch outputs are the reference."""
+    if task.name == "detection":
+        from kdcompress.export.det_postprocess import ExportableDetector
+        from kdcompress.tasks.detection import MAX_DETECTIONS
+
+        return ExportableDetector(model, max_detections=MAX_DETECTIONS).eval()
+    return model
 
 
 @dataclass

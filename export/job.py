@@ -34,6 +34,8 @@ class ExportResult:
     onnx_parity: dict[str, Any] = field(default_factory=dict)  # the fp32 ONNX vs PyTorch (== parity for --to onnx)
     onnx_reused: bool = False
     eval_images: int = 0
+    metric: str = "mIoU"  # the task's headline metric that miou_torch / miou_artifact / drop hold
+    summary: str = ""  # the task's one-line parity summary
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -247,6 +247,9 @@ def _pretrain(backbone: str, data_seed: int, cfg: PretrainConfig, path: Path, lo
 
     t0 = time.perf_counter()
     net = torchvision_classifier(backbone, NUM_CLASSES)
+    for m in net.modules():  # MobileNetV3's BN momentum 0.01 leaves running statistics near their init after a
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # short schedule (eval accuracy at chance); 0.1 as
+            m.momentum = 0.1  # every other torchvision backbone, so the saved statistics describe the data
     train_data = DigitCrops(data_seed, cfg.image_size, held_out=False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.3)

@@ -499,6 +499,7 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
         # `evaluate` and export verification score identical images; else the training crop.
         "input_size": list(info.image_size or task_def.export_size(recipe.data)),
         "resize": recipe.data.resize,
+        "category_ids": list(info.category_ids) if getattr(info, "category_ids", None) else None,
         "ignore_index": info.ignore_index, "dataset": recipe.data.name, "data_root": recipe.data.root,
         "data_options": data_options(recipe.data), "role": role, "method": method_name,
         "teacher": teacher_meta.get("arch"), "recipe": recipe.name, "kdcompress_version": kdcompress.__version__,

@@ -26,7 +26,6 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from kdcompress.errors import KdError
 from kdcompress.taps import Tap
@@ -96,8 +95,10 @@ class LevelTaps(nn.Module):
 
 
 def _classifier(backbone: str, pretrained: bool | str | Path) -> tuple[nn.Module, bool]:
-    """A torchvision classifier (frozen BN when its statistics come from pretraining, as mmdet/torchvision
-    fine-tune detectors; trainable BN from scratch) and whether it was pretrained."""
+    """A torchvision classifier (pretrained weights loaded when given) and whether it was pretrained.
+
+    Its BatchNorm layers stay ordinary ``BatchNorm2d`` either way, so a checkpoint loads into a model built
+    without weights; a pretrained backbone keeps its statistics through ``DetModel.norm_eval`` instead."""
     from torchvision import models as tvm
 
     from kdcompress.pretrain import imagenet_file, load_backbone_state
@@ -107,8 +108,7 @@ def _classifier(backbone: str, pretrained: bool | str | Path) -> tuple[nn.Module
     if backbone not in factories:
         raise KdError(f"No detection backbone '{backbone}'. Backbones: {', '.join(factories)}")
     trained = bool(pretrained)
-    norm = FrozenBatchNorm2d if trained else nn.BatchNorm2d
-    net = factories[backbone](weights=None, norm_layer=norm)
+    net = factories[backbone](weights=None)
     if trained:
         load_backbone_state(net, imagenet_file(backbone) if pretrained is True else Path(pretrained))
     return net, trained
@@ -118,7 +118,6 @@ def fpn_backbone(detector: str, backbone: str, pretrained: bool | str | Path = F
     """Backbone + FPN with named levels: P3–P7 (RetinaNet, FCOS) or P2–P6 (Faster R-CNN)."""
     net, trained = _classifier(backbone, pretrained)
     two_stage = detector == "fasterrcnn"
-    norm = FrozenBatchNorm2d if trained else None
     if backbone == "mbv3":
         layers = dict(MBV3_STAGES)
         trainable_from = 7 if trained else 0  # torchvision's default: the last three stages train
@@ -127,12 +126,12 @@ def fpn_backbone(detector: str, backbone: str, pretrained: bool | str | Path = F
                 p.requires_grad_(i >= trainable_from)
         extra = LastLevelMaxPool() if two_stage else LastLevelP6P7(256, 256)
         body = BackboneWithFPN(net.features, {k: str(i) for i, k in enumerate(layers)}, list(layers.values()), 256,
-                               extra_blocks=extra, norm_layer=norm)
+                               extra_blocks=extra)
         first = 3
     else:
         returned = [1, 2, 3, 4] if two_stage else [2, 3, 4]
         extra = LastLevelMaxPool() if two_stage else LastLevelP6P7(256, 256)
-        body = _resnet_fpn_extractor(net, 3 if trained else 5, returned, extra, norm)
+        body = _resnet_fpn_extractor(net, 3 if trained else 5, returned, extra)
         first = returned[0] + 1
     return LevelTaps(body, _level_names(detector, backbone, first))
 
@@ -164,9 +163,13 @@ class DetModel(nn.Module):
         self.num_classes = int(num_classes)
         self.output_stride = None  # no single output stride: one per FPN level (see taps())
         self.size_multiple = SIZE_MULTIPLE
+        # mmdet's norm_eval: a pretrained backbone's BatchNorm statistics are not re-estimated from small
+        # detection batches (torchvision freezes them with FrozenBatchNorm2d for the same reason)
+        self.norm_eval = bool(pretrained)
         body = fpn_backbone(detector, backbone, pretrained)
         if detector == "retinanet":
-            self.detector: nn.Module = RetinaNet(body, num_classes)
+            # 100 detections per image as COCO's maxDets, mmdet and torchvision's other detectors (RetinaNet: 300)
+            self.detector: nn.Module = RetinaNet(body, num_classes, detections_per_img=100)
         elif detector == "fcos":
             self.detector = FCOS(body, num_classes)
         elif detector == "fasterrcnn":
@@ -179,6 +182,14 @@ class DetModel(nn.Module):
             raise KdError(f"Unknown detector '{detector}'. Detectors: retinanet, fcos, fasterrcnn")
         self.detector.transform = PassThroughTransform()
         self.distill_taps = tuple(t for t in DISTILL_LEVELS[detector] if t in body.names.values())
+
+    def train(self, mode: bool = True) -> "DetModel":
+        super().train(mode)
+        if mode and self.norm_eval:
+            for m in self.detector.backbone.body.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     @property
     def levels(self) -> dict[str, str]:

@@ -48,6 +48,10 @@ class Parity(ABC):
         """Aggregated numbers (worst error, agreement, ...), JSON-serialisable."""
 
     @abstractmethod
+    def summary(self, report: dict[str, Any]) -> str:
+        """The report in one line, for the CLI."""
+
+    @abstractmethod
     def failures(self, report: dict[str, Any], tolerances: Any) -> list[str]:
         """One ``"<metric> <value> <op> limit <limit>"`` string per limit the report misses."""
 
@@ -61,6 +65,7 @@ class Task(ABC):
     input_names: ClassVar[tuple[str, ...]] = ("input",)
     output_names: ClassVar[tuple[str, ...]]
     tolerances: ClassVar[dict[str, Any]]  # precision -> the task's frozen Tolerances dataclass
+    dynamic_shapes: ClassVar[bool] = True  # whether its exported graphs may have dynamic batch / spatial axes
 
     @abstractmethod
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
@@ -138,6 +143,9 @@ class Task(ABC):
         if not isinstance(overrides, dict):
             raise KdError(f"tolerances must be a {type(base).__name__} or a dict, got {type(overrides).__name__}.")
         known = [f.name for f in fields(base)]
+        if "max_drop" in overrides:  # the CLI's --max-drop: the drop of whatever the task's headline is
+            overrides = {k: v for k, v in overrides.items() if k != "max_drop"} | \
+                {f"max_{self.headline.lower()}_drop": overrides["max_drop"]}
         unknown = sorted(set(overrides) - set(known))
         if unknown:
             raise KdError(f"Unknown tolerance '{unknown[0]}' for {self.name}. Available: {', '.join(known)}")

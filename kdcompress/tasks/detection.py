@@ -109,6 +109,11 @@ class DetParity(Parity):
                 "max_score_diff": self.max_score_diff, "max_box_diff_px": self.max_box_diff,
                 "max_count_diff": self.count_diff}
 
+    def summary(self, report: dict[str, Any]) -> str:
+        return (f"boxes matched {report.get('matched', 0)}/{report.get('reference_boxes', 0)} "
+                f"({report.get('box_match', float('nan')):.4f})  max score Δ {report.get('max_score_diff', float('nan')):.2e}"
+                f"  max box Δ {report.get('max_box_diff_px', float('nan')):.2e} px")
+
     def failures(self, report: dict[str, Any], tolerances: DetTolerances) -> list[str]:
         out = []
         if tolerances.min_box_match is not None and not report["box_match"] >= tolerances.min_box_match:
@@ -157,6 +162,7 @@ class DetectionTask(Task):
     report_columns = (("mAP", "mAP"), ("AP50", "AP50"), ("AP75", "AP75"))
     output_names = ("boxes", "scores", "labels", "num_detections")
     tolerances = DEFAULT_TOLERANCES
+    dynamic_shapes = False  # anchors, static top-k and the per-image NMS loop are fixed by the export size
 
     def __init__(self, info: Any) -> None:
         self.num_classes = int(info.num_classes)

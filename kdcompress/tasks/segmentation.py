@@ -106,6 +106,10 @@ class SegParity(Parity):
                 "mean_abs": self.abs_sum / max(self.elems, 1),
                 "argmax_agreement": self.agree / max(self.pixels, 1), "worst": self.worst}
 
+    def summary(self, report: dict[str, Any]) -> str:
+        return (f"max|Δ| {report.get('max_abs', float('nan')):.2e}  "
+                f"argmax agreement {report.get('argmax_agreement', float('nan')):.5f}")
+
     def failures(self, report: dict[str, Any], tolerances: Tolerances) -> list[str]:
         out = []
         if tolerances.max_abs is not None and not report["max_abs"] <= tolerances.max_abs:

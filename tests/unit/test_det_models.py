@@ -99,8 +99,13 @@ def test_pretrained_backbone_loads_torchvision_layout(tmp_path) -> None:
     m = build_model("retinanet-r18", 4, pretrained=str(path))
     body = m.detector.backbone.body.body
     assert torch.all(body.conv1.weight == 0.25)
-    assert torch.all(body.bn1.running_var == 4.0)  # frozen BN keeps the pretraining's statistics
+    m.train()
+    assert not body.bn1.training and m.detector.head.training  # norm_eval: the pretraining's statistics stay
+    m(torch.randn(2, 3, 64, 64), [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 30.0]]), "labels": torch.tensor([1])}] * 2)
+    assert torch.all(body.bn1.running_var == 4.0)
     assert not body.conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
+    plain = build_model("retinanet-r18", 4)  # a checkpoint of the pretrained model loads into a plain build
+    plain.load_state_dict(m.state_dict())
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(KdError, match="another backbone"):
         build_model("retinanet-r18", 4, pretrained=str(path))
@@ -116,3 +121,19 @@ def test_input_size_multiple_of_32() -> None:
     m.check_input_size((96, 128))
     with pytest.raises(KdError, match="multiples of 32"):
         m.check_input_size((100, 128))
+
+
+def test_inheritance_copies_neck_and_head_where_shapes_match() -> None:
+    """ACAM-KD's inheritance between a ResNet-18 teacher and a MobileNetV3 student: the head and the FPN's
+    3x3 output convs match in shape and are copied; the FPN's 1x1 lateral convs (other input widths) are not."""
+    from kdcompress.methods.base import inherit_from_teacher
+
+    torch.manual_seed(0)
+    teacher, student = build_model("retinanet-r18", 4), build_model("retinanet-mbv3", 4)
+    copied = inherit_from_teacher(student, teacher, ["detector.head", "detector.backbone.body.fpn"])
+    s, t = student.state_dict(), teacher.state_dict()
+    head = [k for k in s if k.startswith("detector.head.")]
+    assert head and set(head) <= set(copied)
+    assert all(torch.equal(s[k], t[k]) for k in copied)
+    assert any(k.startswith("detector.backbone.body.fpn.layer_blocks") for k in copied)
+    assert "detector.backbone.body.fpn.inner_blocks.0.0.weight" not in copied
