@@ -210,7 +210,7 @@ def export_checkpoint(
 def _labelled(res: ExportResult, task: Task) -> ExportResult:
     """The task's metric name and parity summary on a result, for reports that name no task."""
     res.metric = task.headline
-    res.summary = task.parity().summary(res.parity.get("artifact", res.parity))
+    res.summary = task.parity_cls.summary(res.parity.get("artifact", res.parity))
     return res
 
 

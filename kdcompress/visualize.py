@@ -224,6 +224,13 @@ def _out_dir(out: str | Path | None, default: Path) -> Path:
 # ----------------------------------------------------------------------------- (a) predictions
 
 
+def _segmentation_only(meta: Mapping[str, Any], source: Any) -> None:
+    """The figures draw label maps; a detector's boxes are not drawn yet (one line, not a deep TypeError)."""
+    if meta.get("task", "segmentation") != "segmentation":
+        raise KdError(f"'{source}' is a {meta.get('task')} checkpoint; figures are drawn for segmentation "
+                      f"checkpoints only (boxes are not drawn yet).")
+
+
 def predictions_figures(models: Mapping[str, str | Path] | Sequence[str], out_dir: str | Path | None = None,
                         images: int = 4, *, grid: bool = False, data: str | None = None,
                         data_root: str | Path | None = None, split: str = "val",
@@ -245,6 +252,7 @@ def predictions_figures(models: Mapping[str, str | Path] | Sequence[str], out_di
     dev = resolve_device(device)
     loaded = {label: load_model(path, dev) for label, path in specs.items()}
     first_label, (_, meta0) = next(iter(loaded.items()))
+    _segmentation_only(meta0, specs[first_label])
     for label, (_, meta) in loaded.items():
         if int(meta["num_classes"]) != int(meta0["num_classes"]) or meta.get("dataset") != meta0.get("dataset"):
             raise KdError(f"Checkpoints '{specs[first_label]}' and '{specs[label]}' were trained on different data "
@@ -522,6 +530,7 @@ def method_figures(run: str | Path, out_dir: str | Path | None = None, images: i
     if isinstance(position, str):
         position = parse_position(position)
     mr = load_method_run(run, teacher=teacher, device=device)
+    _segmentation_only(mr.student_meta, run)
     if tap is not None:
         _check_tap(mr.method, tap)
     out = _out_dir(out_dir, mr.run / FIGURES_DIR)

@@ -107,17 +107,16 @@ def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         for n in per_class:
             lines.append(f"| {n} | " + " | ".join(_pct(r["per_class_iou"][n]) for r in ev.values()) + " |")
     lines += ["", f"## Exports (verified against PyTorch on the same {ev['student'].get('images', '')} images as above)", "",
-              f"| artifact | precision | max abs Δ outputs | agreement | {h} PyTorch | {h} artifact | drop |",
-              "|---|---|---|---|---|---|---|"]
+              f"| artifact | precision | outputs vs PyTorch | {h} PyTorch | {h} artifact | drop |",
+              "|---|---|---|---|---|---|"]
+    parity = TASKS.get(report["task"]).parity_cls  # the task says what its parity report means
     for name, e in report["exports"].items():
         if e.get("skipped"):
-            lines.append(f"| {name} | skipped: {e['skipped']} | | | | | |")
+            lines.append(f"| {name} | skipped: {e['skipped']} | | | | |")
             continue
         par = e.get("parity") or {}
-        ma = "n/a" if par.get("max_abs") is None else f"{par['max_abs']:.2e}"
-        ag = "n/a" if par.get("argmax_agreement") is None else f"{par['argmax_agreement']:.5f}"
-        lines.append(f"| `{Path(e['artifact']).name}` | {e['precision']} | {ma} | {ag} | {_pct(e['metric_torch'])} | "
-                     f"{_pct(e['metric_artifact'])} | {100 * e['drop']:+.2f} |")
+        lines.append(f"| `{Path(e['artifact']).name}` | {e['precision']} | {parity.summary(par) if par else 'n/a'} | "
+                     f"{_pct(e['metric_torch'])} | {_pct(e['metric_artifact'])} | {100 * e['drop']:+.2f} |")
     rows = report["profile"]
     r0 = rows[0]
     lines += ["", f"## Efficiency (batch {r0['batch']}, {r0['input_size'][0]}x{r0['input_size'][1]}, {r0['device']})", "",

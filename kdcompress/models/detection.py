@@ -35,14 +35,17 @@ DET_ZOO: dict[str, tuple[str, str, str]] = {
     "retinanet-r101": ("retinanet", "r101", "ACAM-KD/CanKD teacher (mmdet 56.96 M)"),
     "retinanet-r50": ("retinanet", "r50", "ACAM-KD/CanKD student (mmdet 37.97 M)"),
     "retinanet-r18": ("retinanet", "r18", "CPU-sized student"),
+    "retinanet-mbv2": ("retinanet", "mbv2", "CPU-sized student"),
     "retinanet-mbv3": ("retinanet", "mbv3", "CPU-sized student"),
     "fcos-r101": ("fcos", "r101", "CanKD teacher"),
     "fcos-r50": ("fcos", "r50", "CanKD student (RepPoints stand-in for ACAM-KD)"),
     "fcos-r18": ("fcos", "r18", "CPU-sized student"),
+    "fcos-mbv2": ("fcos", "mbv2", "CPU-sized student"),
     "fcos-mbv3": ("fcos", "mbv3", "CPU-sized student"),
     "fasterrcnn-r101": ("fasterrcnn", "r101", "ACAM-KD/CanKD teacher (mmdet 60.75 M)"),
     "fasterrcnn-r50": ("fasterrcnn", "r50", "ACAM-KD/CanKD student (mmdet 41.75 M)"),
     "fasterrcnn-r18": ("fasterrcnn", "r18", "CPU-sized student"),
+    "fasterrcnn-mbv2": ("fasterrcnn", "mbv2", "CPU-sized student"),
     "fasterrcnn-mbv3": ("fasterrcnn", "mbv3", "CPU-sized student"),
 }
 
@@ -52,8 +55,10 @@ DISTILL_LEVELS: dict[str, tuple[str, ...]] = {
     "fcos": ("p3", "p4", "p5", "p6"),
     "fasterrcnn": ("p2", "p3", "p4", "p5"),
 }
-#: MobileNetV3-Large ``features`` blocks ending the stride-8/16/32 stages, and their channels.
-MBV3_STAGES = {"6": 40, "12": 112, "16": 960}
+#: MobileNet ``features`` blocks ending the stride-8/16/32 stages, and their channels (block -> channels;
+#: MobileNetV2 without its last 1x1 expansion to 1280, which adds width but no new resolution).
+MOBILE_STAGES: dict[str, dict[str, int]] = {"mbv2": {"6": 32, "13": 96, "17": 320},
+                                            "mbv3": {"6": 40, "12": 112, "16": 960}}
 SIZE_MULTIPLE = 32  # the deepest backbone stride: whole feature grids, identical padding for every model
 
 
@@ -104,7 +109,8 @@ def _classifier(backbone: str, pretrained: bool | str | Path) -> tuple[nn.Module
     from kdcompress.pretrain import imagenet_file, load_backbone_state
 
     factories: dict[str, Callable[..., nn.Module]] = {
-        "r18": tvm.resnet18, "r50": tvm.resnet50, "r101": tvm.resnet101, "mbv3": tvm.mobilenet_v3_large}
+        "r18": tvm.resnet18, "r50": tvm.resnet50, "r101": tvm.resnet101, "mbv2": tvm.mobilenet_v2,
+        "mbv3": tvm.mobilenet_v3_large}
     if backbone not in factories:
         raise KdError(f"No detection backbone '{backbone}'. Backbones: {', '.join(factories)}")
     trained = bool(pretrained)
@@ -118,9 +124,9 @@ def fpn_backbone(detector: str, backbone: str, pretrained: bool | str | Path = F
     """Backbone + FPN with named levels: P3–P7 (RetinaNet, FCOS) or P2–P6 (Faster R-CNN)."""
     net, trained = _classifier(backbone, pretrained)
     two_stage = detector == "fasterrcnn"
-    if backbone == "mbv3":
-        layers = dict(MBV3_STAGES)
-        trainable_from = 7 if trained else 0  # torchvision's default: the last three stages train
+    if backbone in MOBILE_STAGES:
+        layers = dict(MOBILE_STAGES[backbone])
+        trainable_from = int(list(layers)[0]) + 1 if trained else 0  # the stride-16 and deeper stages train
         for i, block in enumerate(net.features):
             for p in block.parameters():
                 p.requires_grad_(i >= trainable_from)
@@ -139,7 +145,7 @@ def fpn_backbone(detector: str, backbone: str, pretrained: bool | str | Path = F
 def _level_names(detector: str, backbone: str, first: int) -> dict[str, str]:
     """torchvision FPN key -> ``p<level>`` for a backbone whose first returned stage is C<first>."""
     if detector == "fasterrcnn":
-        count = 3 if backbone == "mbv3" else 4
+        count = 3 if backbone in MOBILE_STAGES else 4
         names = {str(i): f"p{first + i}" for i in range(count)}
         names["pool"] = f"p{first + count}"
         return names

@@ -47,9 +47,10 @@ class Parity(ABC):
     def report(self) -> dict[str, Any]:
         """Aggregated numbers (worst error, agreement, ...), JSON-serialisable."""
 
+    @staticmethod
     @abstractmethod
-    def summary(self, report: dict[str, Any]) -> str:
-        """The report in one line, for the CLI."""
+    def summary(report: dict[str, Any]) -> str:
+        """A report in one line, for the CLI and the pipeline report."""
 
     @abstractmethod
     def failures(self, report: dict[str, Any], tolerances: Any) -> list[str]:
@@ -65,6 +66,7 @@ class Task(ABC):
     input_names: ClassVar[tuple[str, ...]] = ("input",)
     output_names: ClassVar[tuple[str, ...]]
     tolerances: ClassVar[dict[str, Any]]  # precision -> the task's frozen Tolerances dataclass
+    parity_cls: ClassVar[type[Parity]]  # how its artifacts are compared with PyTorch
     dynamic_shapes: ClassVar[bool] = True  # whether its exported graphs may have dynamic batch / spatial axes
 
     @abstractmethod
@@ -119,9 +121,9 @@ class Task(ABC):
     def check_outputs(self, outputs: torch.Tensor | np.ndarray) -> None:
         """KdError when a model's outputs do not fit this dataset (e.g. another class count)."""
 
-    @abstractmethod
     def parity(self) -> Parity:
         """A fresh artifact-vs-PyTorch comparison."""
+        return self.parity_cls()
 
     @abstractmethod
     def resize(self, sample: tuple[torch.Tensor, Any], size: tuple[int, int]) -> tuple[torch.Tensor, Any]:

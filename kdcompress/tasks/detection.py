@@ -109,7 +109,8 @@ class DetParity(Parity):
                 "max_score_diff": self.max_score_diff, "max_box_diff_px": self.max_box_diff,
                 "max_count_diff": self.count_diff}
 
-    def summary(self, report: dict[str, Any]) -> str:
+    @staticmethod
+    def summary(report: dict[str, Any]) -> str:
         return (f"boxes matched {report.get('matched', 0)}/{report.get('reference_boxes', 0)} "
                 f"({report.get('box_match', float('nan')):.4f})  max score Δ {report.get('max_score_diff', float('nan')):.2e}"
                 f"  max box Δ {report.get('max_box_diff_px', float('nan')):.2e} px")
@@ -162,6 +163,7 @@ class DetectionTask(Task):
     report_columns = (("mAP", "mAP"), ("AP50", "AP50"), ("AP75", "AP75"))
     output_names = ("boxes", "scores", "labels", "num_detections")
     tolerances = DEFAULT_TOLERANCES
+    parity_cls = DetParity
     dynamic_shapes = False  # anchors, static top-k and the per-image NMS loop are fixed by the export size
 
     def __init__(self, info: Any) -> None:
@@ -234,9 +236,6 @@ class DetectionTask(Task):
             if len(labels) and (labels.min() < 1 or labels.max() >= self.num_classes):
                 raise KdError(f"Model predicts labels up to {int(labels.max())} but the dataset has "
                               f"{self.num_classes - 1} classes. Use a checkpoint trained on this dataset.")
-
-    def parity(self) -> DetParity:
-        return DetParity()
 
     def resize(self, sample: tuple[torch.Tensor, dict[str, Any]], size: tuple[int, int]) -> tuple[torch.Tensor, Any]:
         """The image stretched to a static export size; boxes and ``scale`` follow, so mAP stays in original pixels."""

@@ -106,7 +106,8 @@ class SegParity(Parity):
                 "mean_abs": self.abs_sum / max(self.elems, 1),
                 "argmax_agreement": self.agree / max(self.pixels, 1), "worst": self.worst}
 
-    def summary(self, report: dict[str, Any]) -> str:
+    @staticmethod
+    def summary(report: dict[str, Any]) -> str:
         return (f"max|Δ| {report.get('max_abs', float('nan')):.2e}  "
                 f"argmax agreement {report.get('argmax_agreement', float('nan')):.5f}")
 
@@ -150,6 +151,7 @@ class SegmentationTask(Task):
     report_columns = (("mIoU", "mIoU"), ("aAcc", "aAcc"), ("mAcc", "mAcc"))
     output_names = ("logits",)
     tolerances = DEFAULT_TOLERANCES
+    parity_cls = SegParity
 
     def __init__(self, info: Any) -> None:
         self.num_classes = int(info.num_classes)
@@ -171,9 +173,6 @@ class SegmentationTask(Task):
         if outputs.shape[1] != self.num_classes:
             raise KdError(f"Model predicts {outputs.shape[1]} classes but the dataset has {self.num_classes}. "
                           f"Use a checkpoint trained on this dataset.")
-
-    def parity(self) -> SegParity:
-        return SegParity()
 
     def resize(self, sample: tuple[torch.Tensor, torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image bilinear, labels nearest: torch and the artifact then see the same resized images."""
