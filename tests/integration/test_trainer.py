@@ -78,4 +78,6 @@ def test_unknown_recipe_keys_and_values(tiny_recipe: Path) -> None:
     with pytest.raises(ConfigError, match="'train.lrr'"):
         load_recipe(str(tiny_recipe), {"train.lrr": 0.1})
     with pytest.raises(ConfigError, match="schedule"):
-        load_recipe(str(tiny_recipe), {"train.schedule": "step"})
+        load_recipe(str(tiny_recipe), {"train.schedule": "steps"})
+    with pytest.raises(ConfigError, match="milestones"):
+        load_recipe(str(tiny_recipe), {"train.schedule": "step", "train.milestones": [0.9, 0.5]})

@@ -48,3 +48,11 @@ def test_target_errors(tmp_path: Path) -> None:
     bad.write_text("export: {to: onnx, precison: fp16}\n")
     with pytest.raises(ConfigError, match="export.precison"):
         load_target(str(bad))
+
+
+def test_step_schedule_drops_tenfold_at_each_milestone() -> None:
+    from kdcompress.config import TrainConfig
+    from kdcompress.engine.trainer import lr_lambda
+
+    fn = lr_lambda(TrainConfig(schedule="step", milestones=[0.5, 0.75]), 100)
+    assert [fn(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
