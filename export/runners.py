@@ -7,12 +7,13 @@ It lives in export because loading an engine goes through the compatibility chec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from kdcompress.errors import ExportError
-from kdcompress.runtime import OrtRunner, Runner, TorchRunner, as_batch  # noqa: F401  (the runner family)
+from kdcompress.runtime import OrtRunner, Runner, TorchRunner, as_batch, to_numpy  # noqa: F401  (the runner family)
 
 
 class TrtRunner(Runner):
@@ -35,8 +36,9 @@ class TrtRunner(Runner):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(self.inputs) != 1 or len(self.outputs) != 1:
-            raise ExportError(f"engine '{self.path.name}' has inputs {self.inputs} and outputs {self.outputs}; expected one of each.")
+        if len(self.inputs) != 1 or not self.outputs:
+            raise ExportError(f"engine '{self.path.name}' has inputs {self.inputs} and outputs {self.outputs}; expected "
+                              f"one input and at least one output.")
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise ExportError(f"TensorRT could not create an execution context for '{self.path.name}' (out of GPU memory?).")
@@ -57,37 +59,42 @@ class TrtRunner(Runner):
                               f"equivalent here; rebuild the engine with float32 I/O (kdcompress export keeps I/O fp32).")
         return table[dtype]
 
-    def infer_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """GPU in, GPU out (no host copies): what latency benchmarks time."""
+    def infer_torch(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """GPU in, GPU out (no host copies): what latency benchmarks time. One tensor, or one per output in the
+        engine's order (detection: boxes, scores, labels, num_detections)."""
         x = as_batch(x)
-        inp, out_name = self.inputs[0], self.outputs[0]
+        inp = self.inputs[0]
         x = x.to(self.device, self._torch_dtype(inp)).contiguous()
         if not self.context.set_input_shape(inp, tuple(x.shape)):
             lo, opt, hi = self.engine.get_tensor_profile_shape(inp, 0)
             raise ExportError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile "
                               f"(min {tuple(lo)}, max {tuple(hi)}). Rebuild the engine with a wider profile.")
-        shape = tuple(int(d) for d in self.context.get_tensor_shape(out_name))
-        if any(d < 0 for d in shape):
-            raise ExportError(f"engine '{self.path.name}' output '{out_name}' has a data-dependent shape {list(shape)} "
-                              f"for input {tuple(x.shape)}; kdcompress runners need output shapes known from the input "
-                              f"shape (segmentation logits). Re-export a model whose output size follows its input.")
-        out = torch.empty(shape, dtype=self._torch_dtype(out_name), device=self.device)
         self.context.set_tensor_address(inp, x.data_ptr())
-        self.context.set_tensor_address(out_name, out.data_ptr())
+        outs = []
+        for out_name in self.outputs:
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(out_name))
+            if any(d < 0 for d in shape):
+                raise ExportError(f"engine '{self.path.name}' output '{out_name}' has a data-dependent shape "
+                                  f"{list(shape)} for input {tuple(x.shape)}; kdcompress runners need output shapes "
+                                  f"known from the input shape (detection exports pad to a fixed number of rows).")
+            out = torch.empty(shape, dtype=self._torch_dtype(out_name), device=self.device)
+            self.context.set_tensor_address(out_name, out.data_ptr())
+            outs.append(out)
         # TensorRT must see the input written before it runs on its own stream.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise ExportError(f"TensorRT execution failed for '{self.path.name}' (see the TensorRT log above).")
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         x.record_stream(self.stream)
-        out.record_stream(self.stream)
-        return out
+        for out in outs:
+            out.record_stream(self.stream)
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def infer(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    def infer(self, x: np.ndarray | torch.Tensor) -> Any:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
         out = self.infer_torch(t)
         self.stream.synchronize()
-        return out.float().cpu().numpy()
+        return to_numpy(out)
 
     def device_memory_bytes(self) -> int:
         """Activation/scratch memory TensorRT allocates for the context (outside torch's allocator).
