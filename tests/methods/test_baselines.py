@@ -60,8 +60,9 @@ class TestFeatureMSE(MethodConformance):
         total = torch.zeros(())
         for tap in method.taps:
             conv = method.adapter[tap]
-            x = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], s[tap])
-            x = x + conv.bias[None, :, None, None]
+            x = s[tap]
+            if not isinstance(conv, nn.Identity):  # equal widths (FPN levels): no adapter
+                x = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x) + conv.bias[None, :, None, None]
             x = F.interpolate(x, size=t[tap].shape[-2:], mode="bilinear", align_corners=False)
             total = total + ((x - t[tap]) ** 2).sum() / t[tap].numel()
         return {"mse": total}
