@@ -110,6 +110,10 @@ class STCAFusion(nn.Module):
         return out.transpose(1, 2).reshape(b, c, h, w)
 
 
+#: Floor of a mask's sum in the normalisers (saturated sigmoid masks on tiny levels can sum to 0).
+MASK_EPS = 1e-6
+
+
 class MaskUnits(nn.Module):
     """ASCM: M spatial masks sigmoid(m^s z) over HW and M channel masks sigmoid(m^c ⊙ v) over C."""
 
@@ -130,7 +134,7 @@ def diversity(masks: Tensor) -> Tensor:
     """Per sample Σ_{i≠j}⟨M_i, M_j⟩ / Σ_i ‖M_i‖² for B×M×L masks, via ‖Σ_i M_i‖² (linear memory)."""
     own = masks.pow(2).sum(dim=(1, 2))
     total = masks.sum(dim=1).pow(2).sum(dim=1)
-    return (total - own) / own
+    return (total - own) / own.clamp_min(MASK_EPS)
 
 
 class ACAMKD(DistillMethod):
@@ -205,8 +209,10 @@ class ACAMKD(DistillMethod):
         per_channel = diff_sq.sum(dim=2)  # B×C:  Σ_p D_kp
         num_s = torch.einsum("bmp,bp->bm", spatial.pow(power), per_position)
         num_c = torch.einsum("bmk,bk->bm", channel.pow(power), per_channel)
-        loss_s = (num_s / (c * spatial.sum(dim=2))).mean(dim=1)
-        loss_c = (num_c / (hw * channel.sum(dim=2))).mean(dim=1)
+        # clamped: on a small level (FPN P6 at 96 px is 2×2) a saturated sigmoid mask can sum to exactly 0,
+        # and 0/0 would end the run; a mask that sums to ~0 then contributes ~0, as its numerator does
+        loss_s = (num_s / (c * spatial.sum(dim=2).clamp_min(MASK_EPS))).mean(dim=1)
+        loss_c = (num_c / (hw * channel.sum(dim=2).clamp_min(MASK_EPS))).mean(dim=1)
         return loss_c.mean(), loss_s.mean()
 
     def forward(  # type: ignore[override]

@@ -211,3 +211,20 @@ def test_inherit_from_teacher_copies_matching_shapes_only() -> None:
     assert copied == ["neck.weight", "neck.bias"]
     assert torch.equal(student["neck"].weight, teacher["neck"].weight)
     assert not torch.equal(student["backbone"].weight, teacher["backbone"].weight)
+
+
+def test_saturated_masks_on_a_tiny_level_stay_finite() -> None:
+    """FPN P6 of a 96 px image is 2x2: a sigmoid mask saturated at every position sums to exactly 0,
+    which must not turn the loss into 0/0 (it did at step 76 of a digits-det run)."""
+    from kdcompress.methods.acam import diversity
+
+    shapes = {"p6": torch.Size((2, 8, 2, 2))}
+    method = build_method("acam", shapes, shapes, NUM_CLASSES, taps=["p6"], m=2.0)
+    diff_sq = torch.rand(2, 8, 4).requires_grad_()
+    spatial = torch.zeros(2, 2, 4)  # every mask 0 everywhere
+    channel = torch.ones(2, 2, 8)
+    loss_c, loss_s = method._masked_losses(diff_sq, spatial, channel)
+    assert torch.isfinite(loss_c) and torch.isfinite(loss_s) and float(loss_s) == 0.0
+    (loss_c + loss_s).backward()
+    assert torch.isfinite(diff_sq.grad).all()
+    assert torch.isfinite(diversity(spatial)).all()
