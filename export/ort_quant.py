@@ -80,8 +80,12 @@ def quantize_int8(
     calibrate_method: str = "minmax",
     activation_type: str = "quint8",
     reduce_range: bool | None = None,
+    op_types: Sequence[str] | None = None,
 ) -> Path:
     """Static QDQ INT8 model of ``fp32_onnx`` for ONNX Runtime (CPU), written atomically to ``out_path``.
+
+    ``op_types`` limits which operators are quantised (None: ORT's default set); a detector keeps its
+    post-processing (box decoding, top-k, NMS) in fp32 by quantising only Conv/Gemm/MatMul.
 
     ``quant_pre_process`` (symbolic shape inference + ORT graph optimisation) runs first, as ORT
     recommends, so BN-folded convs and fused patterns are what gets quantised. Activations are
@@ -99,7 +103,8 @@ def quantize_int8(
         raise KdError(f"Unknown activation type '{activation_type}'. Available: {', '.join(acts)}")
     return _quantize_static(fp32_onnx, out_path, calib_images, per_channel=per_channel,
                             calibrate_method=calibrate_method, activation_type=acts[activation_type], extra_options=None,
-                            reduce_range=(not cpu_has_vnni()) if reduce_range is None else reduce_range)
+                            reduce_range=(not cpu_has_vnni()) if reduce_range is None else reduce_range,
+                            op_types=op_types)
 
 
 def cpu_has_vnni() -> bool:
@@ -157,6 +162,7 @@ def _quantize_static(
     extra_options: dict[str, Any] | None,
     check: Any = None,
     reduce_range: bool = False,
+    op_types: Sequence[str] | None = None,
 ) -> Path:
     import onnxruntime  # noqa: F401  (clear error below if missing)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -194,6 +200,8 @@ def _quantize_static(
             kwargs: dict[str, Any] = {}
             if extra_options:
                 kwargs["extra_options"] = extra_options
+            if op_types:
+                kwargs["op_types_to_quantize"] = list(op_types)
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
                     quantize_static(
@@ -458,7 +466,7 @@ def build_ort_int8(job: Any) -> Any:
     prog, tol, task = job.prog, job.tol, job.task
     with StagedArtifact(job.artifact) as staged:
         with prog.stage("quantize", f"quantize INT8 (QDQ, per-channel, {len(job.calib)} calibration images)"):
-            quantize_int8(job.fp32_path, staged.tmp, job.calib)
+            quantize_int8(job.fp32_path, staged.tmp, job.calib, op_types=task.int8_op_types)
         with OrtRunner(staged.tmp) as art_runner:
             with prog.stage("verify_artifact", "verify INT8 against PyTorch"):
                 parity = verify_against(job.torch_ref, art_runner, images_of(job.val, job.verify_images), tol,

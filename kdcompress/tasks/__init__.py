@@ -68,6 +68,7 @@ class Task(ABC):
     tolerances: ClassVar[dict[str, Any]]  # precision -> the task's frozen Tolerances dataclass
     parity_cls: ClassVar[type[Parity]]  # how its artifacts are compared with PyTorch
     dynamic_shapes: ClassVar[bool] = True  # whether its exported graphs may have dynamic batch / spatial axes
+    int8_op_types: ClassVar[tuple[str, ...] | None] = None  # ops ORT INT8 quantises (None: ORT's default set)
 
     @abstractmethod
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:

@@ -165,6 +165,7 @@ class DetectionTask(Task):
     tolerances = DEFAULT_TOLERANCES
     parity_cls = DetParity
     dynamic_shapes = False  # anchors, static top-k and the per-image NMS loop are fixed by the export size
+    int8_op_types = ("Conv", "Gemm", "MatMul")  # backbone, FPN and heads; post-processing stays fp32
 
     def __init__(self, info: Any) -> None:
         self.num_classes = int(info.num_classes)

@@ -87,3 +87,38 @@ def test_tasks_do_not_mix(capsys, det_runs, tiny_recipe) -> None:
                 "--out", det_runs["root"] / "mixed", "--steps", "1", "--no-progress")
     assert r.code == 2 and "segmentation checkpoint" in r.err
     assert not (det_runs["root"] / "mixed").exists()
+
+
+def test_export_with_nms_verified_and_failed_export_keeps_the_good_file(capsys, det_runs) -> None:
+    import hashlib
+
+    import torch
+
+    from kdcompress.engine.checkpoint import load_model, save_model_checkpoint
+
+    # A tiny detector barely above its score threshold says nothing about parity: sharpen its class scores
+    # so the verified boxes are real (a few per image), as a trained detector's are.
+    model, meta = load_model(det_runs["teacher"])
+    with torch.no_grad():
+        cls = model.detector.head.classification_head.cls_logits
+        cls.weight.mul_(5.0)
+        cls.bias.copy_(torch.linspace(-3.0, 1.0, cls.bias.numel()))
+    ckpt = det_runs["root"] / "sharp" / "model.pt"
+    ckpt.parent.mkdir()
+    save_model_checkpoint(ckpt, model, meta)
+    onnx_path = ckpt.with_name("model.onnx")
+    r = run_cli(capsys, "export", ckpt, "--to", "onnx", "--json")
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    par = res["parity"]
+    assert res["metric"] == "mAP" and par["passed"] and par["reference_boxes"] > 0 and par["box_match"] == 1.0
+    assert abs(res["drop"]) <= 0.005
+    import onnx
+
+    assert "NonMaxSuppression" in {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+    before = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    r = run_cli(capsys, "export", ckpt, "--to", "onnx", "--dynamic-batch")
+    assert r.code == 2 and "static shapes" in r.err
+    r = run_cli(capsys, "export", ckpt, "--to", "onnx", "--max-abs", "0.1")  # a segmentation tolerance
+    assert r.code == 2 and "max_abs" in r.err and "min_box_match" in r.err
+    assert hashlib.sha256(onnx_path.read_bytes()).hexdigest() == before
