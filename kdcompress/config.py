@@ -82,6 +82,10 @@ class DistillConfig:
     # ACAM-KD's "inheritance": student modules under these prefixes start from the teacher's weights
     # wherever name and shape match (e.g. [head]; detectors: [neck, head]); [] = off
     inherit: list[str] = field(default_factory=list)
+    # scale every distillation term once, at the first step, so that its gradient at the student's taps is this
+    # multiple of the task loss's (the logged grad ratio); null = the method's weights as they are. Makes weights
+    # tuned on one task's features usable on another's (FPN levels swamp a detector's loss ~400x at mu = 5)
+    grad_balance: float | None = None
 
 
 @dataclass
@@ -117,6 +121,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "verify_images": _ONE_UP, "calib_images": _ONE_UP, "max_eval_images": _ONE_UP, "profile_iters": _ONE_UP,
     "profile_threads": _ONE_UP, "min_miou": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "max_export_drop": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"), "min_fps": _POS, "max_latency_ms": _POS,
+    "grad_balance": _POS,
 }
 PAIRS = {"crop_size": (True, "[H, W] with two whole numbers >= 1"),
          "resize": (True, "[shorter, longer] with two whole numbers >= 1"), "profile_size": (True, "[H, W] with two whole numbers >= 1"),

@@ -470,6 +470,8 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     step = 0
+    distill_scale = 1.0  # grad_balance's factor on every distillation term (set at step 0)
+    balancing = distill is not None and method is not None and distill.grad_balance is not None
     resume_key = json.loads(json.dumps(_resume_key(tcfg, recipe, role, arch, method_name)))  # plain lists/dicts
     if resume:
         state = load_state(out_dir / STATE_FILE)
@@ -489,6 +491,7 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        distill_scale = float(state.get("distill_scale", 1.0))
         _set_rng_state(state["rng"])
 
     meta = {
@@ -525,6 +528,7 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
             "arch": arch, "method": method_name, "step": step, "task": task.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": _rng_state(), "resume_key": resume_key,
+            "distill_scale": distill_scale,
         })
         return save_model_checkpoint(out_dir / MODEL_FILE, task.student, meta | {
             "step": step, "total_steps": total, "metrics": metrics, "state_sha256": sha256_file(s)})
@@ -572,15 +576,22 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
                     with torch.no_grad(), record(teacher, teacher_taps) as tf:
                         task_def.features(teacher, images)
                         t_feats = {k: v.detach() for k, v in tf.items()}
-                probe = {} if (step == 0 or step == total - 1) and t_feats is not None and world == 1 else None
+                first = step == 0 and t_feats is not None
+                probing = (first or step == total - 1) and t_feats is not None and (world == 1 or balancing)
+                probe: dict[str, torch.Tensor] | None = {} if probing else None
                 terms = model(images, targets, t_feats, probe)
             weights = method.loss_weights() if method is not None else {}
             if probe:  # at the first and last step, with full (un-warmed) weights
                 ratio = gradient_ratio(terms, weights, probe)
+                if first and balancing and ratio:  # grad_balance: fixed once, kept for the whole run (and resume)
+                    distill_scale = float(distill.grad_balance) / dist_utils.all_reduce_mean({"r": ratio}, device)["r"]
+                    log({"step": step, "distill_scale": distill_scale, "grad_ratio_unscaled": ratio})
+                ratio = ratio * distill_scale if ratio is not None else None  # what the student actually receives
                 grad_ratios["start" if step == 0 else "end"] = ratio
                 log({"step": step, "grad_ratio": ratio})
             ramp = distill_weight(step, warm)
-            weighted = {k: (1.0 if k == "task" else ramp) * weights.get(k, 1.0) * v.float() for k, v in terms.items()}
+            weighted = {k: (1.0 if k == "task" else ramp * distill_scale) * weights.get(k, 1.0) * v.float()
+                        for k, v in terms.items()}
             loss = sum(weighted.values())
             bad = [k for k, v in weighted.items() if not torch.isfinite(v).all()]
             if dist_utils.any_true(bool(bad), device):

@@ -122,3 +122,18 @@ def test_export_with_nms_verified_and_failed_export_keeps_the_good_file(capsys, 
     r = run_cli(capsys, "export", ckpt, "--to", "onnx", "--max-abs", "0.1")  # a segmentation tolerance
     assert r.code == 2 and "max_abs" in r.err and "min_box_match" in r.err
     assert hashlib.sha256(onnx_path.read_bytes()).hexdigest() == before
+
+
+def test_grad_balance_sets_the_first_step_gradient_ratio(capsys, det_runs) -> None:
+    out = det_runs["root"] / "balanced"
+    r = run_cli(capsys, "distill", "-r", det_runs["recipe"], "--method", "mse", "--teacher", det_runs["teacher"],
+                "--out", out, "--steps", "2", "--no-progress", "--set", "distill.grad_balance=0.5")
+    assert r.code == 0, r.err
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    scale = next(e for e in log if "distill_scale" in e)
+    assert scale["grad_ratio_unscaled"] > 0 and scale["distill_scale"] == pytest.approx(0.5 / scale["grad_ratio_unscaled"])
+    first = next(e for e in log if "grad_ratio" in e)
+    assert first["step"] == 0 and first["grad_ratio"] == pytest.approx(0.5)
+    r = run_cli(capsys, "distill", "-r", det_runs["recipe"], "--method", "mse", "--teacher", det_runs["teacher"],
+                "--out", det_runs["root"] / "bad-balance", "--steps", "1", "--set", "distill.grad_balance=-1")
+    assert r.code == 2 and "grad_balance" in r.err
