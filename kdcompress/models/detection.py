@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,17 +104,10 @@ def _classifier(backbone: str, pretrained: bool | str | Path) -> tuple[nn.Module
 
     Its BatchNorm layers stay ordinary ``BatchNorm2d`` either way, so a checkpoint loads into a model built
     without weights; a pretrained backbone keeps its statistics through ``DetModel.norm_eval`` instead."""
-    from torchvision import models as tvm
+    from kdcompress.pretrain import imagenet_file, load_backbone_state, torchvision_classifier
 
-    from kdcompress.pretrain import imagenet_file, load_backbone_state
-
-    factories: dict[str, Callable[..., nn.Module]] = {
-        "r18": tvm.resnet18, "r50": tvm.resnet50, "r101": tvm.resnet101, "mbv2": tvm.mobilenet_v2,
-        "mbv3": tvm.mobilenet_v3_large}
-    if backbone not in factories:
-        raise KdError(f"No detection backbone '{backbone}'. Backbones: {', '.join(factories)}")
     trained = bool(pretrained)
-    net = factories[backbone](weights=None)
+    net = torchvision_classifier(backbone)  # the one table of torchvision backbones (pretraining uses it too)
     if trained:
         load_backbone_state(net, imagenet_file(backbone) if pretrained is True else Path(pretrained))
     return net, trained
