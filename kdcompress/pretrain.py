@@ -231,12 +231,14 @@ def ensure_digits_pretrained(backbone: str, data_seed: int = 0, cfg: PretrainCon
     cfg = cfg or PretrainConfig()
     cfg.check()
     path = pretrain_path(backbone, data_seed, cfg)
-    problem = _cache_ok(path, backbone)
-    if problem is None:
-        return path
-    if problem != "missing":
-        log(f"pretraining cache '{path}' is {problem}: rebuilding it")
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream (its model init) stays untouched
+    # The caller's RNG stream (its model init) stays untouched whether the cache is warm or cold: the cache
+    # check builds a network too, and without the fork a warm and a cold run initialised different models.
+    with torch.random.fork_rng(devices=[]):
+        problem = _cache_ok(path, backbone)
+        if problem is None:
+            return path
+        if problem != "missing":
+            log(f"pretraining cache '{path}' is {problem}: rebuilding it")
         torch.manual_seed(cfg.seed)
         return _pretrain(backbone, data_seed, cfg, path, log)
 

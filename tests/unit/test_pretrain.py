@@ -64,3 +64,12 @@ def test_bad_sources_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pretrain.steps must be a positive integer"):
         PretrainConfig(steps=0).check()
     assert resolve_pretrained(False, "mbv2") is None and resolve_pretrained("none", "mbv2") is None
+
+
+def test_warm_and_cold_cache_leave_the_callers_rng_alike(mbv2_file: Path) -> None:
+    """A warm cache is checked by building a network; that must not shift the caller's model init (it did:
+    a cold and a warm run of one recipe trained different detectors)."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert ensure_digits_pretrained("mbv2", 0, TINY, log=lambda _m: None) == mbv2_file  # warm
+    assert torch.equal(torch.get_rng_state(), before)
