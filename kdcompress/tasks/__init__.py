@@ -163,6 +163,17 @@ class Task(ABC):
         return getattr(tol, f"max_{self.headline.lower()}_drop")
 
 
+def input_dims(input_size: Sequence[int], dynamic_batch: bool,
+               dynamic_spatial: bool) -> tuple[int | str, int | str, int | str, dict[str, str]]:
+    """(batch, height, width, input dynamic axes) of an exported NCHW input: symbols where dynamic."""
+    h, w = int(input_size[0]), int(input_size[1])
+    axes: dict[str, str] = {"0": "batch"} if dynamic_batch else {}
+    if dynamic_spatial:
+        axes.update({"2": "height", "3": "width"})
+    return ("batch" if dynamic_batch else 1, "height" if dynamic_spatial else h,
+            "width" if dynamic_spatial else w, axes)
+
+
 TASKS: Registry[Callable[..., Task]] = Registry("task")
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcompress.errors import KdError
-from kdcompress.tasks import Metric, Parity, Task
+from kdcompress.tasks import Metric, Parity, Task, input_dims
 
 #: Detections per image, as COCO's maxDets and torchvision's ``detections_per_img``.
 MAX_DETECTIONS = 100
@@ -253,14 +253,8 @@ class DetectionTask(Task):
         return img, target
 
     def io_spec(self, input_size: tuple[int, int], dynamic_batch: bool, dynamic_spatial: bool) -> dict[str, Any]:
-        h, w = int(input_size[0]), int(input_size[1])
-        b: int | str = "batch" if dynamic_batch else 1
-        hh: int | str = "height" if dynamic_spatial else h
-        ww: int | str = "width" if dynamic_spatial else w
+        b, hh, ww, axes_in = input_dims(input_size, dynamic_batch, dynamic_spatial)
         d = MAX_DETECTIONS
-        axes_in: dict[str, str] = {"0": "batch"} if dynamic_batch else {}
-        if dynamic_spatial:
-            axes_in.update({"2": "height", "3": "width"})
         axes_out = {"0": "batch"} if dynamic_batch else {}
         return {
             "input": {"name": "input", "shape": [b, 3, hh, ww], "dtype": "float32", "layout": "NCHW",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcompress.errors import ExportError, KdError
-from kdcompress.tasks import Metric, Parity, Task
+from kdcompress.tasks import Metric, Parity, Task, input_dims
 
 #: Relative errors are taken against max|ref| over the compared tensor, floored by this value,
 #: so a logit near zero cannot blow the ratio up.
@@ -184,15 +184,7 @@ class SegmentationTask(Task):
         return img, lab
 
     def io_spec(self, input_size: tuple[int, int], dynamic_batch: bool, dynamic_spatial: bool) -> dict[str, Any]:
-        h, w = int(input_size[0]), int(input_size[1])
-        b: int | str = "batch" if dynamic_batch else 1
-        hh: int | str = "height" if dynamic_spatial else h
-        ww: int | str = "width" if dynamic_spatial else w
-        axes: dict[str, str] = {}
-        if dynamic_batch:
-            axes["0"] = "batch"
-        if dynamic_spatial:
-            axes.update({"2": "height", "3": "width"})
+        b, hh, ww, axes = input_dims(input_size, dynamic_batch, dynamic_spatial)
         return {
             "input": {"name": "input", "shape": [b, 3, hh, ww], "dtype": "float32", "layout": "NCHW",
                       "meaning": "RGB image normalised exactly like kdcompress's val transform with normalization.mean/std"},
