@@ -46,6 +46,8 @@ VARIANTS = [
 ]
 ABLATIONS = [  # one ACAM fix switched off at a time (first seed only, for the time budget)
     "acam:detach_kv=0", "acam:mask_distill_grad=1", "acam:center_logits=0", "acam:warmup=0",
+    # the feature methods' weights: does a smaller CanKD / larger AttnFD term change the verdict?
+    "cankd:mu=1", "attnfd:alpha=8",
 ]
 
 
@@ -218,21 +220,25 @@ def main() -> None:
             got = [v for v in map(get, sel) if v is not None]
             return statistics.mean(got) if got else None
 
+        curve = mean_curve([x.get("curve") or [] for x in sel])
         table.append({"method": label, f"{H}_mean": mean, f"{H}_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                       "seeds": [x["seed"] for x in sel], "runs": vals,
                       "gain_over_none": mean - none_mean, "gap_recovered": (mean - none_mean) / gap if gap > 0 else None,
                       "grad_ratio_start": avg(lambda x: (x.get("grad_ratio") or {}).get("start")),
                       "grad_ratio_end": avg(lambda x: (x.get("grad_ratio") or {}).get("end")),
                       "cka_init": avg(lambda x: x.get("cka_init")), "cka_end": avg(lambda x: x.get("cka_end")),
+                      "curve_mean": curve, "last_quarter_gain": last_quarter_gain(curve),
                       "mean_wall_s": statistics.mean(x["wall_s"] for x in sel)})
     print(f"\nteacher {base.teacher.model}: {H} {100 * teacher_miou:.2f}   student {base.student.model}, "
           f"{role_train(base, 'student').steps} steps")
-    print(f"{'method':60s} {'n':>2s} {H + ' (%)':>14s} {'gain':>7s} {'gap rec.':>9s} {'grad ratio':>14s} {'CKA':>13s}")
+    print(f"{'method':60s} {'n':>2s} {H + ' (%)':>14s} {'gain':>7s} {'gap rec.':>9s} {'grad ratio':>14s} {'CKA':>13s}"
+          f" {'last 1/4':>8s}")
     for t in table:
         rec = "n/a" if t["gap_recovered"] is None else f"{100 * t['gap_recovered']:.0f} %"
         print(f"{t['method']:60s} {len(t['runs']):2d} {100 * t[H + '_mean']:7.2f} ± {100 * t[H + '_std']:4.2f} "
               f"{100 * t['gain_over_none']:+7.2f} {rec:>9s} {_fmt(t['grad_ratio_start']):>6s} -> "
-              f"{_fmt(t['grad_ratio_end']):>5s} {t['cka_init']:.3f} -> {t['cka_end']:.3f}")
+              f"{_fmt(t['grad_ratio_end']):>5s} {t['cka_init']:.3f} -> {t['cka_end']:.3f}"
+              f" {_fmt(None if t['last_quarter_gain'] is None else 100 * t['last_quarter_gain']):>8s}")
     out = {"benchmark": "efficacy", "recipe": base.name, "task": task.name, "metric": H,
            "teacher": {"model": base.teacher.model, H: teacher_miou, "wall_s": teacher_wall,
                        "curve": [[c["step"], c["val"][H]] for c in map(json.loads,
@@ -252,6 +258,22 @@ def schedule(recipe: Any, role: str) -> dict[str, Any]:
     from kdcompress.config import role_train
 
     return {k: v for k, v in asdict(role_train(recipe, role)).items() if k not in ("log_every",)}
+
+
+def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
+    """Validation curve averaged over seeds, at the steps every seed sampled."""
+    steps = set.intersection(*(set(int(s) for s, _ in c) for c in curves)) if curves and all(curves) else set()
+    return [[s, statistics.mean(dict((int(a), b) for a, b in c)[s] for c in curves)] for s in sorted(steps)]
+
+
+def last_quarter_gain(curve: list[list[float]]) -> float | None:
+    """The plateau test: gain of the curve from the first sample at >= 3/4 of the schedule to its end."""
+    if len(curve) < 2:
+        return None
+    end_step, end = curve[-1]
+    start = next((v for s, v in curve if s >= 0.75 * end_step), None)
+    first = next((s for s, _ in curve if s >= 0.75 * end_step), end_step)
+    return None if first == end_step else end - start
 
 
 def _fmt(v: float | None) -> str:
