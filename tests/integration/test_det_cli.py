@@ -122,6 +122,17 @@ def test_export_with_nms_verified_and_failed_export_keeps_the_good_file(capsys, 
     r = run_cli(capsys, "export", ckpt, "--to", "onnx", "--max-abs", "0.1")  # a segmentation tolerance
     assert r.code == 2 and "max_abs" in r.err and "min_box_match" in r.err
     assert hashlib.sha256(onnx_path.read_bytes()).hexdigest() == before
+    # ORT INT8: only the backbone + heads are quantised (Conv/Gemm/MatMul); decoding and NMS stay fp32
+    r = run_cli(capsys, "export", ckpt, "--to", "ort-int8", "--calib-images", "4", "--json")
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert res["metric"] == "mAP" and res["drop"] is not None and res["parity"]["reference_boxes"] > 0
+    graph = onnx.load(str(ckpt.with_name("model.int8.onnx"))).graph
+    ops = {n.op_type for n in graph.node}
+    assert "QuantizeLinear" in ops and "NonMaxSuppression" in ops
+    quantised_inputs = {i for n in graph.node if n.op_type == "DequantizeLinear" for i in n.output}
+    nms = next(n for n in graph.node if n.op_type == "NonMaxSuppression")
+    assert not quantised_inputs & set(nms.input), "NMS must read fp32 boxes and scores"
 
 
 def test_grad_balance_sets_the_first_step_gradient_ratio(capsys, det_runs) -> None:
