@@ -250,7 +250,25 @@ def main() -> None:
            "wall_s": time.perf_counter() - t_start, "runs_wall_s": sum(x["wall_s"] for x in runs),
            "torch_threads": torch.get_num_threads(), "environment": environment("cpu")}
     atomic_write_text(args.out, json.dumps(out, indent=2))
+    print("\n" + markdown(out))
     print(f"saved {args.out}")
+
+
+def markdown(out: dict[str, Any]) -> str:
+    """The table as the README prints it (numbers in percent points)."""
+    h = out["metric"]
+    lines = [f"| method | seeds | {h} (%) mean ± std | per seed | gain over none | gap recovered | "
+             "grad ratio start → end | CKA init → end | last-quarter gain |", "|" + "---|" * 9]
+    for t in out["table"]:
+        rec = "—" if t["method"] == "none" or t["gap_recovered"] is None else f"{100 * t['gap_recovered']:.0f} %"
+        gain = "—" if t["method"] == "none" else f"{100 * t['gain_over_none']:+.2f}"
+        lq = t.get("last_quarter_gain")
+        lines.append(
+            f"| {t['method']} | {len(t['runs'])} | {100 * t[h + '_mean']:.2f} ± {100 * t[h + '_std']:.2f} | "
+            + " / ".join(f"{100 * v:.2f}" for v in t["runs"]) + f" | {gain} | {rec} | "
+            f"{_fmt(t['grad_ratio_start'])} → {_fmt(t['grad_ratio_end'])} | "
+            f"{t['cka_init']:.3f} → {t['cka_end']:.3f} | {'–' if lq is None else f'{100 * lq:+.2f}'} |")
+    return "\n".join(lines)
 
 
 def schedule(recipe: Any, role: str) -> dict[str, Any]:
