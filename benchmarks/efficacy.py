@@ -47,7 +47,7 @@ VARIANTS = [
 ABLATIONS = [  # one ACAM fix switched off at a time (first seed only, for the time budget)
     "acam:detach_kv=0", "acam:mask_distill_grad=1", "acam:center_logits=0", "acam:warmup=0",
     # the feature methods' weights: does a smaller CanKD / larger AttnFD term change the verdict?
-    "cankd:mu=1", "attnfd:alpha=8",
+    "cankd:mu=1", "attnfd:alpha=8", "acam:alpha=3",
 ]
 
 
