@@ -289,9 +289,8 @@ def last_quarter_gain(curve: list[list[float]]) -> float | None:
     if len(curve) < 2:
         return None
     end_step, end = curve[-1]
-    start = next((v for s, v in curve if s >= 0.75 * end_step), None)
-    first = next((s for s, _ in curve if s >= 0.75 * end_step), end_step)
-    return None if first == end_step else end - start
+    first_step, start = next((s, v) for s, v in curve if s >= 0.75 * end_step)  # the end itself at the latest
+    return None if first_step == end_step else end - start
 
 
 def _fmt(v: float | None) -> str:
