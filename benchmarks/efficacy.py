@@ -19,7 +19,9 @@ Each finished run is cached, so an interrupted benchmark continues where it stop
     python benchmarks/efficacy.py --seeds 0 --methods none cankd:taps=stage4 acam:detach_kv=0
 
 A row ``name:key=value,...`` is a variant: ``taps=a+b`` sets the taps, ``warmup=0.1`` the
-trainer's distillation warm-up, any other key a method hyperparameter. A plain name runs the
+trainer's distillation warm-up, ``inherit=fpn+head`` ACAM-KD's inheritance (student modules
+start from the teacher's weights where shapes match; ``none:inherit=...`` is its control),
+any other key a method hyperparameter. A plain name runs the
 method's defaults (the recipe's ``distill`` hparams/taps/warm-up are not applied, so each method
 is measured as shipped). Saves ``benchmarks/results/efficacy.json``.
 """
@@ -51,6 +53,10 @@ ABLATIONS = [  # one ACAM fix switched off at a time (first seed only, for the t
 ]
 
 
+# short names for ``inherit=`` (ACAM-KD's inheritance; torchvision RetinaNet / FCOS module names)
+INHERIT = {"fpn": "detector.backbone.body.fpn", "head": "detector.head"}
+
+
 def default_rows(task: str = "segmentation") -> list[str]:
     """Every registered method at its defaults (+ the segmentation variants); detectors have no logits,
     so logit methods are left out there, and the variants name segmentation taps."""
@@ -62,11 +68,11 @@ def default_rows(task: str = "segmentation") -> list[str]:
     return first + [m for m in METHODS.names() if m not in first] + VARIANTS
 
 
-def parse_variant(label: str) -> tuple[str, dict[str, float], list[str] | None, float | None]:
-    """'acam:detach_kv=0,warmup=0.1' -> ('acam', {'detach_kv': 0.0}, None, 0.1)."""
+def parse_variant(label: str) -> tuple[str, dict[str, float], list[str] | None, float | None, list[str]]:
+    """'acam:detach_kv=0,warmup=0.1' -> ('acam', {'detach_kv': 0.0}, None, 0.1, [])."""
     method, _, rest = label.partition(":")
     hparams: dict[str, float] = {}
-    taps, warmup = None, None
+    taps, warmup, inherit = None, None, []
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
@@ -75,9 +81,11 @@ def parse_variant(label: str) -> tuple[str, dict[str, float], list[str] | None, 
             taps = value.split("+")
         elif key == "warmup":
             warmup = float(value)
+        elif key == "inherit":
+            inherit = [INHERIT.get(v, v) for v in value.split("+")]
         else:
             hparams[key] = float(value)
-    return method, hparams, taps, warmup
+    return method, hparams, taps, warmup, inherit
 
 
 def linear_cka(x: Any, y: Any) -> float:
@@ -176,11 +184,12 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     missing: list[str] = []
     for label, seed in plan:
-        method, hparams, taps, warmup = parse_variant(label)
+        method, hparams, taps, warmup, inherit = parse_variant(label)
         r = load_recipe(args.recipe, args.sets + [f"student.train.seed={seed}", f"distill.method={method}",
                                                   f"distill.teacher_checkpoint={tckpt}"])
         r.distill.hparams, r.distill.taps = hparams, taps
         r.distill.warmup = warmup  # None: the method's own default
+        r.distill.inherit = inherit
         rkey = json.dumps([asdict(r.data), asdict(r.student), schedule(r, "student"), asdict(r.pretrain),
                            asdict(r.distill) | {"teacher_checkpoint": None}, str(tdir), label], sort_keys=True)
         rdir = work / f"{method}-s{seed}-{hashlib.sha256(rkey.encode()).hexdigest()[:12]}"

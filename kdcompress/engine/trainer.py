@@ -393,14 +393,15 @@ def _models(recipe: Recipe, role: str, info: Any, device: torch.device,
 
     teacher, method, taps = None, None, []
     teacher_meta: dict[str, Any] = {}
-    if method_cls.needs_teacher:
+    inherit = list(distill.inherit) if distill is not None else []
+    if method_cls.needs_teacher or inherit:  # `none` + inherit: the inheritance-only control
         if not distill or not distill.teacher_checkpoint:
-            raise ConfigError(f"Method '{method_name}' needs a teacher checkpoint: pass --teacher PATH.")
-        teacher, teacher_meta = load_teacher(distill.teacher_checkpoint, info.num_classes, device, info.task)
-    if distill is not None and distill.inherit:
-        if teacher is None:
-            raise ConfigError(f"distill.inherit {distill.inherit} copies teacher weights, but no teacher is given. "
+            raise ConfigError(f"Method '{method_name}' needs a teacher checkpoint: pass --teacher PATH."
+                              if method_cls.needs_teacher else
+                              f"distill.inherit {inherit} copies teacher weights, but no teacher is given. "
                               f"Pass --teacher or set distill.inherit: [].")
+        teacher, teacher_meta = load_teacher(distill.teacher_checkpoint, info.num_classes, device, info.task)
+    if inherit:
         from kdcompress.methods.base import inherit_from_teacher
 
         inherited = inherit_from_teacher(student, teacher, distill.inherit)
@@ -420,6 +421,8 @@ def _models(recipe: Recipe, role: str, info: Any, device: torch.device,
                               teacher_name=teacher_meta.get("arch", "teacher"),
                               **(distill.hparams if distill else {})).to(device)
         taps = list(method.taps)
+    if method is None:  # inheritance only: the teacher's weights are copied, its features never read
+        teacher = None
     return arch, student, teacher, teacher_meta, method, taps
 
 

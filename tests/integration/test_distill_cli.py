@@ -179,6 +179,13 @@ def test_distill_inherit_starts_head_from_teacher(teacher: tuple[Path, Path], tm
             and t_state[k].is_floating_point()]
     assert len(same) > 10
     assert all(torch.allclose(s_state[k], t_state[k], atol=1e-5) for k in same if "running" not in k)
+    # `none` + inherit, the inheritance-only control: the teacher's weights are copied, no loss term is added
+    res = run_cli(capsys, "distill", "-r", recipe, "--teacher", ckpt, "--student", "mbv2", "--method", "none",
+                  "--out", tmp_path / "control", "--steps", "1", "--no-progress", "--set", "distill.inherit=[head]",
+                  "--set", "train.lr=1e-12")
+    assert res.code == 0, res.err
+    c_state = load_model_checkpoint(tmp_path / "control" / "model.pt")["state_dict"]
+    assert all(torch.allclose(c_state[k], t_state[k], atol=1e-5) for k in same if "running" not in k)
     bad = run_cli(capsys, "distill", "-r", recipe, "--teacher", ckpt, "--student", "mbv2", "--method", "acam",
                   "--out", tmp_path / "bad", "--steps", "1", "--no-progress", "--set", "distill.inherit=[neck]")
     assert bad.code == 2 and "no student weight under these prefixes" in bad.err and not (tmp_path / "bad").exists()
