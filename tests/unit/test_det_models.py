@@ -137,3 +137,16 @@ def test_inheritance_copies_neck_and_head_where_shapes_match() -> None:
     assert all(torch.equal(s[k], t[k]) for k in copied)
     assert any(k.startswith("detector.backbone.body.fpn.layer_blocks") for k in copied)
     assert "detector.backbone.body.fpn.inner_blocks.0.0.weight" not in copied
+
+
+def test_digits_det_recipe_inherits_neck_and_head() -> None:
+    """The built-in recipe's inheritance prefixes name real modules of its teacher and student (a typo would only
+    surface minutes into the demo, as a refusal)."""
+    from kdcompress.config import load_recipe
+    from kdcompress.methods.base import inherit_from_teacher
+
+    r = load_recipe("digits-det")
+    teacher, student = build_model(r.teacher.model, 11), build_model(r.student.model, 11)
+    copied = inherit_from_teacher(student, teacher, r.distill.inherit)
+    for prefix in r.distill.inherit:
+        assert any(k.startswith(prefix + ".") for k in copied), prefix
