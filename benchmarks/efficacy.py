@@ -46,6 +46,8 @@ VARIANTS = [
     "cankd:taps=backbone",  # the pre-ReLU tap against the authors' post-ReLU stage4
     "mse:taps=stage4",  # plain feature MSE on CanKD's tap: what the cross-attention adds
 ]
+# ACAM-KD as its paper runs detection (with inheritance) and the inheritance-only control
+DET_VARIANTS = ["none:inherit=fpn+head", "acam:inherit=fpn+head"]
 ABLATIONS = [  # one ACAM fix switched off at a time (first seed only, for the time budget)
     "acam:detach_kv=0", "acam:mask_distill_grad=1", "acam:center_logits=0", "acam:warmup=0",
     # the feature methods' weights: does a smaller CanKD / larger AttnFD term change the verdict?
@@ -63,7 +65,8 @@ def default_rows(task: str = "segmentation") -> list[str]:
     from kdcompress.methods import METHODS
 
     if task != "segmentation":
-        return ["none"] + [m for m in METHODS.names() if m != "none" and METHODS.get(m).reads == "features"]
+        return ["none"] + [m for m in METHODS.names() if m != "none" and METHODS.get(m).reads == "features"] \
+            + DET_VARIANTS
     first = ["none", "kd"]
     return first + [m for m in METHODS.names() if m not in first] + VARIANTS
 

@@ -1,0 +1,37 @@
+"""benchmarks/efficacy.py's row grammar and plateau test: the table's labels and its plateau column come from these."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "efficacy.py"
+_spec = importlib.util.spec_from_file_location("efficacy_bench", _PATH)
+efficacy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(efficacy)
+
+
+def test_parse_variant_reads_every_key() -> None:
+    method, hparams, taps, warmup, inherit = efficacy.parse_variant("acam:detach_kv=0,warmup=0.1,taps=p3+p4,"
+                                                                    "inherit=fpn+head")
+    assert (method, hparams, taps, warmup) == ("acam", {"detach_kv": 0.0}, ["p3", "p4"], 0.1)
+    assert inherit == ["detector.backbone.body.fpn", "detector.head"]
+    assert efficacy.parse_variant("none") == ("none", {}, None, None, [])
+    assert efficacy.parse_variant("none:inherit=head")[4] == ["detector.head"]
+    with pytest.raises(SystemExit, match="bad method variant"):
+        efficacy.parse_variant("acam:detach_kv")
+
+
+def test_default_rows_per_task() -> None:
+    det = efficacy.default_rows("detection")
+    assert det[0] == "none" and "kd" not in det and set(efficacy.DET_VARIANTS) <= set(det)
+    seg = efficacy.default_rows("segmentation")
+    assert seg[:2] == ["none", "kd"] and not set(efficacy.DET_VARIANTS) & set(seg)
+
+
+def test_last_quarter_gain_is_the_plateau_test() -> None:
+    curve = [[75, 0.10], [150, 0.20], [225, 0.30], [300, 0.32]]
+    assert efficacy.last_quarter_gain(curve) == pytest.approx(0.02)  # step 225 -> 300
+    assert efficacy.last_quarter_gain([]) is None
