@@ -19,7 +19,7 @@ Each finished run is cached, so an interrupted benchmark continues where it stop
     python benchmarks/efficacy.py --seeds 0 --methods none cankd:taps=stage4 acam:detach_kv=0
 
 A row ``name:key=value,...`` is a variant: ``taps=a+b`` sets the taps, ``warmup=0.1`` the
-trainer's distillation warm-up, ``inherit=fpn+head`` ACAM-KD's inheritance (student modules
+trainer's distillation warm-up, ``cooldown=0.5`` its cool-down, ``inherit=fpn+head`` ACAM-KD's inheritance (student modules
 start from the teacher's weights where shapes match; ``none:inherit=...`` is its control),
 any other key a method hyperparameter. A plain name runs the
 method's defaults (the recipe's ``distill`` hparams/taps/warm-up are not applied, so each method
@@ -71,24 +71,27 @@ def default_rows(task: str = "segmentation") -> list[str]:
     return first + [m for m in METHODS.names() if m not in first] + VARIANTS
 
 
-def parse_variant(label: str) -> tuple[str, dict[str, float], list[str] | None, float | None, list[str]]:
-    """'acam:detach_kv=0,warmup=0.1' -> ('acam', {'detach_kv': 0.0}, None, 0.1, [])."""
+def parse_variant(label: str) -> tuple[str, dict[str, float], dict[str, Any]]:
+    """'acam:detach_kv=0,warmup=0.1' -> ('acam', {'detach_kv': 0.0}, {'warmup': 0.1}).
+
+    The third item holds the ``distill`` settings the row sets (taps, warmup, cooldown, inherit);
+    every other key is a method hyperparameter."""
     method, _, rest = label.partition(":")
     hparams: dict[str, float] = {}
-    taps, warmup, inherit = None, None, []
+    distill: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"bad method variant {label!r}: write name:key=value[,key=value]")
         if key == "taps":
-            taps = value.split("+")
-        elif key == "warmup":
-            warmup = float(value)
+            distill["taps"] = value.split("+")
+        elif key in ("warmup", "cooldown"):
+            distill[key] = float(value)
         elif key == "inherit":
-            inherit = [INHERIT.get(v, v) for v in value.split("+")]
+            distill["inherit"] = [INHERIT.get(v, v) for v in value.split("+")]
         else:
             hparams[key] = float(value)
-    return method, hparams, taps, warmup, inherit
+    return method, hparams, distill
 
 
 def linear_cka(x: Any, y: Any) -> float:
@@ -187,14 +190,19 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     missing: list[str] = []
     for label, seed in plan:
-        method, hparams, taps, warmup, inherit = parse_variant(label)
+        method, hparams, row_distill = parse_variant(label)
         r = load_recipe(args.recipe, args.sets + [f"student.train.seed={seed}", f"distill.method={method}",
                                                   f"distill.teacher_checkpoint={tckpt}"])
-        r.distill.hparams, r.distill.taps = hparams, taps
-        r.distill.warmup = warmup  # None: the method's own default
-        r.distill.inherit = inherit
+        r.distill.hparams = hparams
+        r.distill.taps = row_distill.get("taps")
+        r.distill.warmup = row_distill.get("warmup")  # None: the method's own default
+        r.distill.cooldown = row_distill.get("cooldown", 0.0)
+        r.distill.inherit = row_distill.get("inherit", [])
+        distill_key = asdict(r.distill) | {"teacher_checkpoint": None}
+        if not r.distill.cooldown:  # added after runs were cached: joins the key only when set
+            del distill_key["cooldown"]
         rkey = json.dumps([asdict(r.data), asdict(r.student), schedule(r, "student"), asdict(r.pretrain),
-                           asdict(r.distill) | {"teacher_checkpoint": None}, str(tdir), label], sort_keys=True)
+                           distill_key, str(tdir), label], sort_keys=True)
         rdir = work / f"{method}-s{seed}-{hashlib.sha256(rkey.encode()).hexdigest()[:12]}"
         cached = rdir / "result.json"
         if cached.is_file():

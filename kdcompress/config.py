@@ -79,6 +79,9 @@ class DistillConfig:
     # ramp the distillation weight 0 -> 1 over a fraction of the schedule (< 1) or a step count (>= 1);
     # None: the method's own default (DistillMethod.default_warmup)
     warmup: float | None = None
+    # ramp it back 1 -> 0 over the last fraction (< 1) or steps (>= 1) of the schedule; 0 = off. Early-stopped KD
+    # (Cho & Hariharan, ICCV 2019): a student that is helped early can be held back late by matching the teacher
+    cooldown: float = 0.0
     # ACAM-KD's "inheritance": student modules under these prefixes start from the teacher's weights
     # wherever name and shape match (e.g. [head]; detectors: [neck, head]); [] = off
     inherit: list[str] = field(default_factory=list)
@@ -211,17 +214,31 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     return recipe
 
 
-def distill_warmup_steps(warmup: float, total: int) -> int:
-    """``distill.warmup`` in steps: a fraction (< 1) of ``total`` or a step count; checked against it."""
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0:
-        raise ConfigError(f"distill.warmup must be a fraction of the schedule (< 1) or a step count, got {warmup!r}.")
-    steps = round(warmup * total) if warmup < 1 else int(warmup)
-    if warmup >= 1 and warmup != int(warmup):
-        raise ConfigError(f"distill.warmup >= 1 counts steps and must be whole, got {warmup}.")
+def distill_ramp_steps(value: float, total: int, key: str = "warmup") -> int:
+    """``distill.<key>`` (warmup / cooldown) in steps: a fraction (< 1) of ``total`` or a step count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"distill.{key} must be a fraction of the schedule (< 1) or a step count, got {value!r}.")
+    steps = round(value * total) if value < 1 else int(value)
+    if value >= 1 and value != int(value):
+        raise ConfigError(f"distill.{key} >= 1 counts steps and must be whole, got {value}.")
     if steps > total:
-        raise ConfigError(f"distill.warmup is {steps} steps, longer than the {total}-step schedule. "
+        raise ConfigError(f"distill.{key} is {steps} steps, longer than the {total}-step schedule. "
                           f"Use a fraction (e.g. 0.1) or fewer steps.")
     return steps
+
+
+def distill_warmup_steps(warmup: float, total: int) -> int:
+    """``distill.warmup`` in steps: a fraction (< 1) of ``total`` or a step count; checked against it."""
+    return distill_ramp_steps(warmup, total, "warmup")
+
+
+def distill_ramps(warmup: float, cooldown: float, total: int) -> tuple[int, int]:
+    """(warm-up, cool-down) in steps; the two must fit in the schedule together."""
+    warm, cool = distill_ramp_steps(warmup, total, "warmup"), distill_ramp_steps(cooldown, total, "cooldown")
+    if warm + cool > total:
+        raise ConfigError(f"distill.warmup ({warm} steps) and distill.cooldown ({cool} steps) overlap in the "
+                          f"{total}-step schedule. Shorten one of them.")
+    return warm, cool
 
 
 def validate_train(t: TrainConfig) -> None:

@@ -143,12 +143,16 @@ def lr_lambda(t: TrainConfig, total: int) -> Callable[[int], float]:
     return fn
 
 
-def distill_weight(step: int, warmup: int) -> float:
-    """Multiplier of every distillation term: 0 at step 0, linear to 1 at ``warmup`` (then 1).
+def distill_weight(step: int, warmup: int, cooldown: int = 0, total: int = 0) -> float:
+    """Multiplier of every distillation term: 0 at step 0, linear to 1 at ``warmup``, then 1 until
+    the last ``cooldown`` steps of ``total``, over which it falls linearly to 1/cooldown at the last step.
 
     A student near chance gives the methods' adaptive parts (masks, attention) nothing sensible
-    to read; the ramp lets the task loss shape it first."""
-    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+    to read; the warm-up lets the task loss shape it first. The cool-down lets the task loss
+    alone finish the schedule (early-stopped KD)."""
+    up = 1.0 if warmup <= 0 else min(1.0, step / warmup)
+    down = 1.0 if cooldown <= 0 else min(1.0, (total - step) / cooldown)
+    return min(up, down)
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype | None:
@@ -463,11 +467,12 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
     steps_per_epoch = (len(train_set) // world) // per_rank_batch
     total = tcfg.steps if tcfg.steps is not None else tcfg.epochs * max(1, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total))
-    from kdcompress.config import distill_warmup_steps
+    from kdcompress.config import distill_ramps
 
-    warm = 0
+    warm = cool = 0
     if distill is not None and method is not None:
-        warm = distill_warmup_steps(method.default_warmup if distill.warmup is None else distill.warmup, total)
+        warm, cool = distill_ramps(method.default_warmup if distill.warmup is None else distill.warmup,
+                                   distill.cooldown, total)
     amp_dtype = amp_dtype_for(device) if tcfg.amp else None
     use_amp = amp_dtype is not None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -592,7 +597,7 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
                 ratio = ratio * distill_scale if ratio is not None else None  # what the student actually receives
                 grad_ratios["start" if step == 0 else "end"] = ratio
                 log({"step": step, "grad_ratio": ratio})
-            ramp = distill_weight(step, warm)
+            ramp = distill_weight(step, warm, cool, total)
             weighted = {k: (1.0 if k == "task" else ramp * distill_scale) * weights.get(k, 1.0) * v.float()
                         for k, v in terms.items()}
             loss = sum(weighted.values())

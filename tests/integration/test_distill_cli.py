@@ -138,14 +138,19 @@ def test_two_phase_attnfd_freezes_the_student_first(teacher: tuple[Path, Path], 
     assert not all(torch.equal(a, b) for a, b in zip(params(j1), params(j2)))
 
 
-def test_warmup_longer_than_schedule_is_refused_before_writing(teacher: tuple[Path, Path], tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("sets, message", [
+    (["distill.warmup=50"], "distill.warmup is 50 steps, longer than the 2-step schedule"),
+    (["distill.warmup=1", "distill.cooldown=2"], "distill.warmup (1 steps) and distill.cooldown (2 steps) overlap"),
+])
+def test_distill_ramps_that_do_not_fit_are_refused_before_writing(teacher: tuple[Path, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture, sets: list[str],
+                                                                   message: str) -> None:
     recipe, ckpt = teacher
     out = tmp_path / "warm"
     res = run_cli(capsys, "distill", "-r", recipe, "--teacher", ckpt, "--method", "acam", "--out", out,
-                  "--steps", "2", "--set", "distill.warmup=50", "--no-progress")
-    assert res.code == 2 and "distill.warmup is 50 steps, longer than the 2-step schedule" in res.err
-    assert "Traceback" not in res.err
+                  "--steps", "2", *[a for s in sets for a in ("--set", s)], "--no-progress")
+    assert res.code == 2 and message in res.err
+    assert "Traceback" not in res.err and not out.exists()
 
 
 def test_pretrained_digits_from_the_cli(teacher: tuple[Path, Path], tmp_path: Path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdcompress.config import distill_warmup_steps
+from kdcompress.config import distill_ramps, distill_warmup_steps
 from kdcompress.engine.trainer import distill_weight, gradient_ratio
 from kdcompress.errors import ConfigError
 from kdcompress.methods import build_method
@@ -73,6 +73,20 @@ def test_warmup_weight_is_zero_at_start_and_full_after() -> None:
         distill_warmup_steps(400, 300)
     with pytest.raises(ConfigError, match="distill.warmup"):
         distill_warmup_steps(-1, 300)
+
+
+def test_cooldown_weight_falls_to_near_zero_at_the_end() -> None:
+    total = 100
+    weights = [distill_weight(i, 10, 40, total) for i in range(total)]
+    assert weights[0] == 0.0 and weights[10] == weights[60] == 1.0
+    assert weights[80] == pytest.approx(0.5) and weights[-1] == pytest.approx(1 / 40)
+    assert all(a >= b for a, b in zip(weights[60:], weights[61:]))  # monotone down over the cool-down
+    assert distill_weight(99, 0, 0, total) == 1.0  # off
+    assert distill_ramps(0.2, 0.5, 300) == (60, 150)
+    with pytest.raises(ConfigError, match="overlap in the 300-step schedule"):
+        distill_ramps(0.6, 0.5, 300)
+    with pytest.raises(ConfigError, match="distill.cooldown"):
+        distill_ramps(0, -0.1, 300)
 
 
 def test_attnfd_two_phase_schedule() -> None:

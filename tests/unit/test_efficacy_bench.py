@@ -14,12 +14,13 @@ _spec.loader.exec_module(efficacy)
 
 
 def test_parse_variant_reads_every_key() -> None:
-    method, hparams, taps, warmup, inherit = efficacy.parse_variant("acam:detach_kv=0,warmup=0.1,taps=p3+p4,"
-                                                                    "inherit=fpn+head")
-    assert (method, hparams, taps, warmup) == ("acam", {"detach_kv": 0.0}, ["p3", "p4"], 0.1)
-    assert inherit == ["detector.backbone.body.fpn", "detector.head"]
-    assert efficacy.parse_variant("none") == ("none", {}, None, None, [])
-    assert efficacy.parse_variant("none:inherit=head")[4] == ["detector.head"]
+    method, hparams, distill = efficacy.parse_variant("acam:detach_kv=0,warmup=0.1,cooldown=0.5,taps=p3+p4,"
+                                                      "inherit=fpn+head")
+    assert (method, hparams) == ("acam", {"detach_kv": 0.0})
+    assert distill == {"warmup": 0.1, "cooldown": 0.5, "taps": ["p3", "p4"],
+                       "inherit": ["detector.backbone.body.fpn", "detector.head"]}
+    assert efficacy.parse_variant("none") == ("none", {}, {})
+    assert efficacy.parse_variant("none:inherit=head")[2] == {"inherit": ["detector.head"]}
     with pytest.raises(SystemExit, match="bad method variant"):
         efficacy.parse_variant("acam:detach_kv")
 
