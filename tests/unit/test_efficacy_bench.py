@@ -36,3 +36,11 @@ def test_last_quarter_gain_is_the_plateau_test() -> None:
     curve = [[75, 0.10], [150, 0.20], [225, 0.30], [300, 0.32]]
     assert efficacy.last_quarter_gain(curve) == pytest.approx(0.02)  # step 225 -> 300
     assert efficacy.last_quarter_gain([]) is None
+
+
+def test_papers_regime_is_the_default_and_explicit_sets_win() -> None:
+    sets = efficacy.regime_sets("digits", ["student.train.steps=50"])
+    assert sets[:len(efficacy.PAPERS_REGIME["digits"])] == efficacy.PAPERS_REGIME["digits"]
+    assert sets[-1] == "student.train.steps=50"  # applied last: overrides the regime's 1200
+    assert efficacy.regime_sets("digits", ["a=1"], recipe_schedule=True) == ["a=1"]
+    assert efficacy.regime_sets("digits-det", []) == []
