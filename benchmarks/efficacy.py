@@ -25,7 +25,8 @@ trainer's distillation warm-up, ``cooldown=0.5`` its cool-down, ``inherit=fpn+he
 start from the teacher's weights where shapes match; ``none:inherit=...`` is its control),
 any other key a method hyperparameter. A plain name runs the
 method's defaults (the recipe's ``distill`` hparams/taps/warm-up are not applied, so each method
-is measured as shipped). Saves ``benchmarks/results/efficacy.json``.
+is measured as shipped). Saves ``benchmarks/results/efficacy.json`` (``efficacy_demo.json`` with
+``--recipe-schedule``).
 """
 
 from __future__ import annotations

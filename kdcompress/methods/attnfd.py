@@ -20,7 +20,7 @@ Differences from the authors' public code, on purpose:
   the MLP by accident).
 * α = 2 by default (the spec's α = 1 is ``--set method.alpha=1``): the gradient α·L_attn sends
   to the student's taps is then of the task loss's order at the start (ratio 0.86 on the mean at the
-  first step on the digits benchmark, ``benchmarks/results/efficacy.json``), and it equals the
+  first step on the digits benchmark at the demo schedule, ``benchmarks/results/efficacy_demo.json``), and it equals the
   authors' λ = 2. It did not make AttnFD beat plain training there (README, measured numbers).
 * The authors first train only the adapters (one epoch, student frozen), then the student with
   the adapters frozen; ``adapter_steps=N`` does that within the run's schedule (the first N
