@@ -55,6 +55,8 @@ VARIANTS = [
     "attnfd:taps=backbone",  # the paper's B-only ablation: are the encoder/decoder taps the harm?
     "acam:detach_kv=0,mask_distill_grad=1,center_logits=0,warmup=0",  # the paper-literal ACAM-KD
     "acam:cooldown=0.5",  # early-stopped KD: the distillation weight falls to ~0 over the second half
+    "acam:alpha=0.25",  # a weight whose gradient at the logits starts at the task loss's order (ratio ~0.9)
+    "acam:taps=backbone",  # ACAM-KD's detection form (M = 6 masks on a feature map) on the backbone tap
     "cankd:taps=backbone",  # the pre-ReLU tap against the authors' post-ReLU stage4
     "mse:taps=stage4",  # plain feature MSE on CanKD's tap: what the cross-attention adds
 ]
