@@ -30,6 +30,7 @@ def test_default_rows_per_task() -> None:
     assert det[0] == "none" and "kd" not in det and set(efficacy.DET_VARIANTS) <= set(det)
     seg = efficacy.default_rows("segmentation")
     assert seg[:2] == ["none", "kd"] and not set(efficacy.DET_VARIANTS) & set(seg)
+    assert set(efficacy.TAP_ROWS) <= set(seg) and not set(efficacy.VARIANTS) & set(seg)
 
 
 def test_last_quarter_gain_is_the_plateau_test() -> None:
