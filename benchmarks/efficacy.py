@@ -255,14 +255,14 @@ def main() -> None:
 
     if missing:
         print(f"not run (time budget): {', '.join(missing)}")
-    none = [x[H] for x in runs if x["method"] == "none"]
-    none_mean = statistics.mean(none) if none else float("nan")
-    gap = teacher_miou - none_mean
+    none_by_seed = {x["seed"]: x[H] for x in runs if x["method"] == "none"}
     table = []
     for label in dict.fromkeys(x["method"] for x in runs):
         sel = [x for x in runs if x["method"] == label]
         vals = [x[H] for x in sel]
         mean = statistics.mean(vals)
+        none_mean = paired_none([x["seed"] for x in sel], none_by_seed)
+        gap = teacher_miou - none_mean
 
         def avg(get: Any) -> float | None:
             got = [v for v in map(get, sel) if v is not None]
@@ -271,7 +271,7 @@ def main() -> None:
         curve = mean_curve([x.get("curve") or [] for x in sel])
         table.append({"method": label, f"{H}_mean": mean, f"{H}_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                       "seeds": [x["seed"] for x in sel], "runs": vals,
-                      "gain_over_none": mean - none_mean, "gap_recovered": (mean - none_mean) / gap if gap > 0 else None,
+                      "none_same_seeds": none_mean, "gain_over_none": mean - none_mean, "gap_recovered": (mean - none_mean) / gap if gap > 0 else None,
                       "grad_ratio_start": avg(lambda x: (x.get("grad_ratio") or {}).get("start")),
                       "grad_ratio_end": avg(lambda x: (x.get("grad_ratio") or {}).get("end")),
                       "cka_init": avg(lambda x: x.get("cka_init")), "cka_end": avg(lambda x: x.get("cka_end")),
@@ -305,7 +305,7 @@ def main() -> None:
 def markdown(out: dict[str, Any]) -> str:
     """The table as the README prints it (numbers in percent points)."""
     h = out["metric"]
-    lines = [f"| method | seeds | {h} (%) mean ± std | per seed | gain over none | gap recovered | "
+    lines = [f"| method | seeds | {h} (%) mean ± std | per seed | gain over none (same seeds) | gap recovered | "
              "grad ratio start → end | CKA init → end | last-quarter gain |", "|" + "---|" * 9]
     for t in out["table"]:
         rec = "—" if t["method"] == "none" or t["gap_recovered"] is None else f"{100 * t['gap_recovered']:.0f} %"
@@ -330,6 +330,14 @@ def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
     """Validation curve averaged over seeds, at the steps every seed sampled."""
     steps = set.intersection(*(set(int(s) for s, _ in c) for c in curves)) if curves and all(curves) else set()
     return [[s, statistics.mean(dict((int(a), b) for a, b in c)[s] for c in curves)] for s in sorted(steps)]
+
+
+def paired_none(seeds: list[int], none_by_seed: dict[int, float]) -> float:
+    """`none`'s mean on the same seeds as a row (a first-seed-only variant is compared with the first seed's
+    `none`, not with the mean over three); the mean over all of them where a seed has no `none` run."""
+    if none_by_seed and all(s in none_by_seed for s in seeds):
+        return statistics.mean(none_by_seed[s] for s in seeds)
+    return statistics.mean(none_by_seed.values()) if none_by_seed else float("nan")
 
 
 def last_quarter_gain(curve: list[list[float]]) -> float | None:

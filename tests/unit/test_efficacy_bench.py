@@ -45,3 +45,10 @@ def test_papers_regime_is_the_default_and_explicit_sets_win() -> None:
     assert sets[-1] == "student.train.steps=50"  # applied last: overrides the regime's 1200
     assert efficacy.regime_sets("digits", ["a=1"], recipe_schedule=True) == ["a=1"]
     assert efficacy.regime_sets("digits-det", []) == []
+
+
+def test_a_first_seed_row_is_compared_with_the_first_seed_none() -> None:
+    none = {0: 0.50, 1: 0.60, 2: 0.70}
+    assert efficacy.paired_none([0], none) == pytest.approx(0.50)
+    assert efficacy.paired_none([0, 1, 2], none) == pytest.approx(0.60)
+    assert efficacy.paired_none([3], none) == pytest.approx(0.60)  # no `none` on that seed: the overall mean
