@@ -31,8 +31,8 @@ Decisions on the points the paper leaves open (spec defaults):
 * Length matters (``benchmarks/results/efficacy.json``, the papers' regime: students trained 4× longer
   than the demo). On the logits (the paper's segmentation tap, kept as the default because it is what
   gains at the demo's schedule: +4.6 on three seeds) ACAM-KD leads early (+6.3 at step 300) and ends
-  1.7 below plain training; a cool-down of the weight does not change that (seed 0: −0.4), α = 0.25
-  halves the loss (seed 0: +1.5 over plain, still below logit KD). On the backbone tap (``--taps
+  1.7 below plain training; a cool-down of the weight does not change that (seed 0: −0.4 against
+  the same seed's ACAM-KD); α = 0.25 (seed 0) ends +1.5 over plain, still below logit KD. On the backbone tap (``--taps
   backbone``, M = 6 masks, its detection form) it gains +3.7 on three seeds, above logit KD on each.
 * Several taps (e.g. FPN levels) get one module each and their terms are summed, as detection
   distillers sum over levels.
