@@ -227,11 +227,6 @@ def distill_ramp_steps(value: float, total: int, key: str = "warmup") -> int:
     return steps
 
 
-def distill_warmup_steps(warmup: float, total: int) -> int:
-    """``distill.warmup`` in steps: a fraction (< 1) of ``total`` or a step count; checked against it."""
-    return distill_ramp_steps(warmup, total, "warmup")
-
-
 def distill_ramps(warmup: float, cooldown: float, total: int) -> tuple[int, int]:
     """(warm-up, cool-down) in steps; the two must fit in the schedule together."""
     warm, cool = distill_ramp_steps(warmup, total, "warmup"), distill_ramp_steps(cooldown, total, "cooldown")

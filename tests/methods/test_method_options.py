@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdcompress.config import distill_ramps, distill_warmup_steps
+from kdcompress.config import distill_ramp_steps, distill_ramps
 from kdcompress.engine.trainer import distill_weight, gradient_ratio
 from kdcompress.errors import ConfigError
 from kdcompress.methods import build_method
@@ -68,11 +68,11 @@ def test_warmup_weight_is_zero_at_start_and_full_after() -> None:
     assert distill_weight(5, 10) == pytest.approx(0.5)
     assert distill_weight(10, 10) == distill_weight(500, 10) == 1.0
     assert distill_weight(0, 0) == 1.0
-    assert distill_warmup_steps(0.2, 300) == 60 and distill_warmup_steps(40, 300) == 40
+    assert distill_ramp_steps(0.2, 300) == 60 and distill_ramp_steps(40, 300) == 40
     with pytest.raises(ConfigError, match="longer than the 300-step schedule"):
-        distill_warmup_steps(400, 300)
+        distill_ramp_steps(400, 300)
     with pytest.raises(ConfigError, match="distill.warmup"):
-        distill_warmup_steps(-1, 300)
+        distill_ramp_steps(-1, 300)
 
 
 def test_cooldown_weight_falls_to_near_zero_at_the_end() -> None:
