@@ -18,6 +18,9 @@ Detection scale (FPN P3 and P2 of a 1088×800 image, 136×100 and 272×200 posit
 
     python benchmarks/attention_memory.py --cases cankd_c256 acam_fpn_c256 --sizes 136x100 272x200 \
         --ours-max-n --out benchmarks/results/attention_memory_fpn.json
+
+The attention product alone (``--cases cankd_attn_c256 acam_attn_c256``) and training's mixed precision
+(``--dtype bfloat16``) split that figure.
 """
 
 from __future__ import annotations
@@ -46,6 +49,63 @@ CASES: dict[str, tuple[str, int, dict[str, float], str]] = {
     "acam_logits_c19": ("acam", 19, {"m": 19.0}, "ACAM-KD on 19-class logits, M=19"),
     "acam_fpn_c256": ("acam", 256, {"m": 6.0}, "ACAM-KD on an FPN level, C=256, M=6"),
 }
+# The attention step alone, on the shapes its loss feeds it at C = 256 (what the authors' formulations
+# materialise quadratically): name -> (q width, k width, v width, keys per query position, description).
+# q, k and v exist before the step and are not counted; their gradients are.
+ATTENTION_CASES: dict[str, tuple[int, int, int, float, str]] = {
+    "cankd_attn_c256": (128, 128, 128, 0.25, "CanKD attention alone: q (HW×128) · k,v (HW/4×128), 2×2-pooled keys"),
+    "acam_attn_c256": (128, 128, 256, 1.0, "ACAM-KD attention alone: q,k (HW×128), v (HW×256)"),
+}
+ALL_CASES = list(CASES) + list(ATTENTION_CASES)
+
+
+def description(case: str) -> str:
+    return CASES[case][3] if case in CASES else ATTENTION_CASES[case][4]
+
+
+def channels(case: str) -> int:
+    return CASES[case][1] if case in CASES else 256
+
+
+def attention_step(case: str, mode: str, hw: tuple[int, int], device: str, dtype: Any) -> tuple[dict, Any]:
+    """Inputs and step of an ATTENTION_CASES case: forward + backward of the attention product only."""
+    import torch
+
+    from kdcompress.methods.acam import fused_attention, naive_attention
+    from kdcompress.methods.cankd import linear_affinity, naive_affinity
+
+    dq, dk, dv, key_share, _ = ATTENTION_CASES[case]
+    n = hw[0] * hw[1]
+    keys = -(-hw[0] // 2) * -(-hw[1] // 2) if key_share < 1 else n
+    gen = torch.Generator(device=device).manual_seed(0)
+    inputs = {
+        name: torch.randn((1, rows, width), generator=gen, device=device).to(dtype).requires_grad_()
+        for name, rows, width in (("q", n, dq), ("k", keys, dk), ("v", keys, dv))
+    }
+    if case.startswith("cankd"):
+        attend = naive_affinity if mode == "naive" else linear_affinity
+        def fn(q, k, v):  # noqa: E306
+            return attend(q, k, v)
+    else:
+        attend = naive_attention if mode == "naive" else fused_attention
+        def fn(q, k, v):  # noqa: E306
+            return attend(q, k, v, dq**-0.5)
+
+    def step() -> float:
+        with autocast(device, dtype):
+            out = fn(inputs["q"], inputs["k"], inputs["v"])
+            loss = out.float().pow(2).mean()
+        loss.backward()
+        return float(loss.detach())
+
+    return inputs, step
+
+
+def autocast(device: str, dtype: Any) -> Any:
+    """Training's mixed precision (the recipes' ``amp``) when a half dtype is asked; a no-op for float32."""
+    import torch
+
+    return torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def _status_kib(field: str) -> int:
@@ -71,17 +131,22 @@ def grid(size: str) -> tuple[int, int]:
     return side, side
 
 
-def run_case(case: str, mode: str, size: str, device: str, threads: int) -> dict[str, Any]:
+def run_case(case: str, mode: str, size: str, device: str, threads: int, dtype_name: str) -> dict[str, Any]:
     """Child process body: one forward + backward, returns the peak extra memory in bytes."""
-    import gc
-
     import torch
 
     from kdcompress.methods import build_method
 
     torch.set_num_threads(threads)
-    method_name, channels, hparams, _ = CASES[case]
+    dtype = getattr(torch, dtype_name)
     grid_hw = grid(size)
+    if case in ATTENTION_CASES:
+        warm_inputs, warm_step = attention_step(case, mode, (8, 8), device, dtype)
+        warm_step()
+        del warm_inputs, warm_step
+        _, step_fn = attention_step(case, mode, grid_hw, device, dtype)
+        return measure(step_fn, device)
+    method_name, channels, hparams, _ = CASES[case]
     tap = "logits" if case.startswith("acam_logits") else "feat"
 
     def build(hw: tuple[int, int]) -> tuple[torch.nn.Module, dict, dict]:
@@ -92,14 +157,15 @@ def run_case(case: str, mode: str, size: str, device: str, threads: int) -> dict
         method.set_naive(mode == "naive")
         method.train()
         gen = torch.Generator(device=device).manual_seed(0)
-        s = {tap: torch.randn(shape, generator=gen, device=device).requires_grad_()}
-        t = {tap: torch.randn(shape, generator=gen, device=device)}
+        s = {tap: torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_()}
+        t = {tap: torch.randn(shape, generator=gen, device=device).to(dtype)}
         return method, s, t
 
     def step(method: torch.nn.Module, s: dict, t: dict) -> float:
         weights = method.loss_weights()
-        terms = method(s, t)
-        loss = sum(weights[k] * v for k, v in terms.items())
+        with autocast(device, dtype):
+            terms = method(s, t)
+            loss = sum(weights[k] * v.float() for k, v in terms.items())
         loss.backward()
         return float(loss.detach())
 
@@ -107,6 +173,15 @@ def run_case(case: str, mode: str, size: str, device: str, threads: int) -> dict
     step(*warm)
     del warm
     method, s, t = build(grid_hw)
+    return measure(lambda: step(method, s, t), device)
+
+
+def measure(step: Any, device: str) -> dict[str, Any]:
+    """Peak extra memory of ``step()`` (see the module docstring), its time and its return value."""
+    import gc
+
+    import torch
+
     gc.collect()
     cuda = device == "cuda"
     if cuda:
@@ -123,7 +198,7 @@ def run_case(case: str, mode: str, size: str, device: str, threads: int) -> dict
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             how = "ru_maxrss after - ru_maxrss before"
     start = time.perf_counter()
-    loss = step(method, s, t)
+    loss = step()
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -135,16 +210,16 @@ def run_case(case: str, mode: str, size: str, device: str, threads: int) -> dict
     return {"peak_bytes": max(0, peak - base), "seconds": seconds, "loss": loss, "how": how}
 
 
-def spawn(case: str, mode: str, size: str, device: str, threads: int, timeout: float) -> dict:
+def spawn(case: str, mode: str, size: str, device: str, threads: int, dtype: str, timeout: float) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, __file__, "--child", case, mode, size, device, str(threads)]
+    cmd = [sys.executable, __file__, "--child", case, mode, size, device, str(threads), dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{case}/{mode}/{size} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def environment(device: str, threads: int) -> dict[str, object]:
+def environment(device: str, threads: int, dtype: str) -> dict[str, object]:
     import torch
 
     env: dict[str, object] = {
@@ -154,7 +229,7 @@ def environment(device: str, threads: int) -> dict[str, object]:
         "device": device,
         "threads": threads,
         "cpu_count": os.cpu_count(),
-        "dtype": "float32",
+        "dtype": dtype,
         "batch": 1,
     }
     if device == "cuda":
@@ -166,12 +241,14 @@ def environment(device: str, threads: int) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=5, metavar=("CASE", "MODE", "N", "DEVICE", "THREADS"))
+    parser.add_argument("--child", nargs=6, metavar=("CASE", "MODE", "N", "DEVICE", "THREADS", "DTYPE"))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="inputs' dtype; a half dtype also runs the step under autocast, as training's amp")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--sizes", nargs="+", default=[str(n) for n in SIZES],
                         help="positions N (square grids) or HxW grids such as 272x200")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=ALL_CASES)
     parser.add_argument("--naive-budget-gib", type=float, default=4.0,
                         help="skip the naive variant when its extrapolated peak exceeds this")
     parser.add_argument("--ours-max-n", nargs="*", default=["acam_fpn_c256=16384"],
@@ -180,8 +257,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        case, mode, size, device, threads = args.child
-        print(json.dumps(run_case(case, mode, size, device, int(threads))))
+        case, mode, size, device, threads, dtype = args.child
+        print(json.dumps(run_case(case, mode, size, device, int(threads), dtype)))
         return
 
     import torch
@@ -205,11 +282,11 @@ def main() -> None:
                 n = h * w
                 row: dict[str, Any] = {
                     "case": case,
-                    "description": CASES[case][3],
+                    "description": description(case),
                     "mode": mode,
                     "positions": n,
                     "grid": [h, w],
-                    "channels": CASES[case][1],
+                    "channels": channels(case),
                 }
                 skip = None
                 if mode == "naive" and last is not None:
@@ -230,7 +307,7 @@ def main() -> None:
                     rows.append(row)
                     print(f"{case:<16} {mode:<6} {n:>6} {skip}")
                     continue
-                row.update(spawn(case, mode, size, device, threads, timeout=600))
+                row.update(spawn(case, mode, size, device, threads, args.dtype, timeout=600))
                 peak = row["peak_bytes"]
                 row["bytes_per_position"] = round(peak / n, 1)
                 marginal = ratio = None
@@ -263,8 +340,8 @@ def main() -> None:
 
     report = {
         "benchmark": "attention_memory",
-        "what": "extra peak memory of one loss forward+backward (batch 1, fp32), naive vs ours",
-        "environment": environment(device, threads),
+        "what": f"extra peak memory of one loss (or attention) forward+backward (batch 1, {args.dtype}), naive vs ours",
+        "environment": environment(device, threads, args.dtype),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,8 +71,9 @@ ONE_AT_A_TIME = [
 ]
 
 
-# short names for ``inherit=`` (ACAM-KD's inheritance; torchvision RetinaNet / FCOS module names)
-INHERIT = {"fpn": "detector.backbone.body.fpn", "head": "detector.head"}
+# short names for ``inherit=`` per task (ACAM-KD's inheritance; torchvision RetinaNet / FCOS module names);
+# any other value is a module prefix as written (segmentation: ``head`` = the DeepLabV3+ ASPP/decoder/classifier)
+INHERIT = {"detection": {"fpn": "detector.backbone.body.fpn", "head": "detector.head"}}
 
 
 def default_rows(task: str = "segmentation") -> list[str]:
@@ -94,7 +95,7 @@ def regime_sets(recipe: str, sets: list[str], recipe_schedule: bool = False) -> 
     return regime + [s for s in sets if s not in regime]
 
 
-def parse_variant(label: str) -> tuple[str, dict[str, float], dict[str, Any]]:
+def parse_variant(label: str, task: str) -> tuple[str, dict[str, float], dict[str, Any]]:
     """'acam:detach_kv=0,warmup=0.1' -> ('acam', {'detach_kv': 0.0}, {'warmup': 0.1}).
 
     The third item holds the ``distill`` settings the row sets (taps, warmup, cooldown, inherit);
@@ -111,7 +112,8 @@ def parse_variant(label: str) -> tuple[str, dict[str, float], dict[str, Any]]:
         elif key in ("warmup", "cooldown"):
             distill[key] = float(value)
         elif key == "inherit":
-            distill["inherit"] = [INHERIT.get(v, v) for v in value.split("+")]
+            aliases = INHERIT.get(task, {})
+            distill["inherit"] = [aliases.get(v, v) for v in value.split("+")]
         else:
             hparams[key] = float(value)
     return method, hparams, distill
@@ -218,7 +220,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     missing: list[str] = []
     for label, seed in plan:
-        method, hparams, row_distill = parse_variant(label)
+        method, hparams, row_distill = parse_variant(label, task.name)
         r = load_recipe(args.recipe, args.sets + [f"student.train.seed={seed}", f"distill.method={method}",
                                                   f"distill.teacher_checkpoint={tckpt}"])
         r.distill.hparams = hparams

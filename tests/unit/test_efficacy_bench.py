@@ -15,14 +15,16 @@ _spec.loader.exec_module(efficacy)
 
 def test_parse_variant_reads_every_key() -> None:
     method, hparams, distill = efficacy.parse_variant("acam:detach_kv=0,warmup=0.1,cooldown=0.5,taps=p3+p4,"
-                                                      "inherit=fpn+head")
+                                                      "inherit=fpn+head", "detection")
     assert (method, hparams) == ("acam", {"detach_kv": 0.0})
     assert distill == {"warmup": 0.1, "cooldown": 0.5, "taps": ["p3", "p4"],
                        "inherit": ["detector.backbone.body.fpn", "detector.head"]}
-    assert efficacy.parse_variant("none") == ("none", {}, {})
-    assert efficacy.parse_variant("none:inherit=head")[2] == {"inherit": ["detector.head"]}
+    assert efficacy.parse_variant("none", "segmentation") == ("none", {}, {})
+    assert efficacy.parse_variant("none:inherit=head", "detection")[2] == {"inherit": ["detector.head"]}
+    # segmentation has no aliases: the DeepLabV3+ head's own prefix
+    assert efficacy.parse_variant("none:inherit=head", "segmentation")[2] == {"inherit": ["head"]}
     with pytest.raises(SystemExit, match="bad method variant"):
-        efficacy.parse_variant("acam:detach_kv")
+        efficacy.parse_variant("acam:detach_kv", "segmentation")
 
 
 def test_default_rows_per_task() -> None:
