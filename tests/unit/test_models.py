@@ -118,3 +118,19 @@ def test_pretrained_offline_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(KdError, match="Cannot load ImageNet weights 'mobilenet_v2-.*drop --pretrained"):
         build_model("deeplabv3plus-mbv2", 3, pretrained=True)
+
+
+def test_digits_recipe_inherits_the_decoder_head() -> None:
+    """The built-in segmentation recipe's inheritance copies the teacher's ASPP projection, decoder and classifier
+    into the MobileNetV2 student; the convs that read the backbone's own widths stay the student's."""
+    from kdcompress.config import load_recipe
+    from kdcompress.methods.base import inherit_from_teacher
+
+    r = load_recipe("digits")
+    teacher, student = build_model(r.teacher.model, 7), build_model(r.student.model, 7)
+    copied = inherit_from_teacher(student, teacher, r.distill.inherit)
+    assert r.distill.inherit == ["head"]
+    for name in ("head.classifier.weight", "head.project.0.weight", "head.fuse2.0.weight"):
+        assert name in copied
+        assert torch.equal(student.state_dict()[name], teacher.state_dict()[name])
+    assert "head.low_proj.0.weight" not in copied  # reads 24 (MobileNetV2) vs 64 (ResNet-18) channels
