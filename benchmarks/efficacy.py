@@ -191,9 +191,7 @@ def main() -> None:
     pre = {role: pretrained(role) for role in ("teacher", "student")}
     pre_info = {role: (read_pretrain_record(p) if p else None) for role, p in pre.items()}
 
-    key = json.dumps([asdict(base.data), asdict(base.teacher), schedule(base, "teacher"), asdict(base.pretrain)],
-                     sort_keys=True)
-    tdir = work / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    tdir = work / f"teacher-{hashlib.sha256(teacher_key(base).encode()).hexdigest()[:12]}"
     tckpt = tdir / "model.pt"
     meta = load_model_checkpoint(tckpt)["meta"] if tckpt.is_file() else {}
     if meta and meta.get("step") == meta.get("total_steps"):
@@ -326,6 +324,16 @@ def schedule(recipe: Any, role: str) -> dict[str, Any]:
     from kdcompress.config import role_train
 
     return {k: v for k, v in asdict(role_train(recipe, role)).items() if k not in ("log_every",)}
+
+
+def teacher_key(recipe: Any) -> str:
+    """The teacher's cache key, without its validation cadence: validation changes no weight (the recipe's
+    teacher validates every 250 steps and is the same model as one validated every 75), so a teacher trained
+    at any cadence is reused. The cadence is written as the recipe-wide one, which keeps earlier keys valid."""
+    teacher = asdict(recipe.teacher)
+    teacher["train"] = {k: v for k, v in teacher["train"].items() if k != "val_every"}
+    sched = schedule(recipe, "teacher") | {"val_every": recipe.train.val_every}
+    return json.dumps([asdict(recipe.data), teacher, sched, asdict(recipe.pretrain)], sort_keys=True)
 
 
 def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:

@@ -54,3 +54,14 @@ def test_a_first_seed_row_is_compared_with_the_first_seed_none() -> None:
     assert efficacy.paired_none([0], none) == pytest.approx(0.50)
     assert efficacy.paired_none([0, 1, 2], none) == pytest.approx(0.60)
     assert efficacy.paired_none([3], none) == pytest.approx(0.60)  # no `none` on that seed: the overall mean
+
+
+def test_teacher_key_ignores_the_validation_cadence_only() -> None:
+    """A teacher validated every 250 steps is the same model as one validated every 75 (cached runs stay valid);
+    a change that does alter the weights gives a new key."""
+    from kdcompress.config import load_recipe
+
+    base = efficacy.teacher_key(load_recipe("digits"))
+    assert efficacy.teacher_key(load_recipe("digits", ["teacher.train.val_every=75"])) == base
+    assert efficacy.teacher_key(load_recipe("digits", ["teacher.train.val_every=10"])) == base
+    assert efficacy.teacher_key(load_recipe("digits", ["teacher.train.steps=999"])) != base
