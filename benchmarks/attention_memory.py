@@ -34,6 +34,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +84,9 @@ def attention_step(case: str, mode: str, hw: tuple[int, int], device: str, dtype
         for name, rows, width in (("q", n, dq), ("k", keys, dk), ("v", keys, dv))
     }
     if case.startswith("cankd"):
-        attend = naive_affinity if mode == "naive" else linear_affinity
-        def fn(q, k, v):  # noqa: E306
-            return attend(q, k, v)
+        fn = naive_affinity if mode == "naive" else linear_affinity
     else:
-        attend = naive_attention if mode == "naive" else fused_attention
-        def fn(q, k, v):  # noqa: E306
-            return attend(q, k, v, dq**-0.5)
+        fn = partial(naive_attention if mode == "naive" else fused_attention, scale=dq**-0.5)
 
     def step() -> float:
         with autocast(device, dtype):
