@@ -20,7 +20,9 @@ Detection scale (FPN P3 and P2 of a 1088×800 image, 136×100 and 272×200 posit
         --ours-max-n --out benchmarks/results/attention_memory_fpn.json
 
 The attention product alone (``--cases cankd_attn_c256 acam_attn_c256``) and training's mixed precision
-(``--dtype bfloat16``) split that figure.
+(``--dtype bfloat16``) split that figure. ``--modes naive ours one-pass``: ``ours`` is the shipped
+loss (position bands recomputed in backward on maps above the method's ``chunk_positions``) and
+``one-pass`` the same maths without bands (``chunk_positions=0``), side by side in memory and time.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ ATTENTION_CASES: dict[str, tuple[int, int, int, float, str]] = {
     "acam_attn_c256": (128, 128, 256, 1.0, "ACAM-KD attention alone: q,k (HW×128), v (HW×256)"),
 }
 ALL_CASES = list(CASES) + list(ATTENTION_CASES)
+TIMING_ENV = "KDC_ATTN_BENCH_TIMING"
+MODES = ("naive", "ours", "one-pass")  # one-pass: the loss cases with chunk_positions=0 (no bands)
 
 
 def description(case: str) -> str:
@@ -146,10 +150,13 @@ def run_case(case: str, mode: str, size: str, device: str, threads: int, dtype_n
     method_name, channels, hparams, _ = CASES[case]
     tap = "logits" if case.startswith("acam_logits") else "feat"
 
-    def build(hw: tuple[int, int]) -> tuple[torch.nn.Module, dict, dict]:
+    def build(hw: tuple[int, int], chunk: float | None = None) -> tuple[torch.nn.Module, dict, dict]:
         shape = torch.Size((1, channels, *hw))
+        extra = {"chunk_positions": 0.0} if mode == "one-pass" else {}
+        if chunk is not None:
+            extra = {"chunk_positions": chunk}
         method = build_method(
-            method_name, {tap: shape}, {tap: shape}, num_classes=19, taps=[tap], **hparams
+            method_name, {tap: shape}, {tap: shape}, num_classes=19, taps=[tap], **hparams, **extra
         ).to(device)
         method.set_naive(mode == "naive")
         method.train()
@@ -166,11 +173,23 @@ def run_case(case: str, mode: str, size: str, device: str, threads: int, dtype_n
         loss.backward()
         return float(loss.detach())
 
-    warm = build((16, 16))
-    step(*warm)
-    del warm
+    # Warm up both paths of a banded loss (bands forced on the small map, then one pass): the first banded
+    # step sets up ~40 MiB of kernel state once (measured at P3: 73 MiB cold, 34 MiB warm), which is not
+    # the per-step memory.
+    for chunk in (8.0, 0.0) if "chunk_positions" in build_method_defaults(method_name) else (None,):
+        warm = build((16, 16), chunk)
+        step(*warm)
+        del warm
     method, s, t = build(grid_hw)
+    if os.environ.get(TIMING_ENV):
+        step(method, s, t)
     return measure(lambda: step(method, s, t), device)
+
+
+def build_method_defaults(name: str) -> dict[str, float]:
+    from kdcompress.methods import METHODS
+
+    return dict(METHODS.get(name).default_hparams)
 
 
 def measure(step: Any, device: str) -> dict[str, Any]:
@@ -207,8 +226,16 @@ def measure(step: Any, device: str) -> dict[str, Any]:
     return {"peak_bytes": max(0, peak - base), "seconds": seconds, "loss": loss, "how": how}
 
 
-def spawn(case: str, mode: str, size: str, device: str, threads: int, dtype: str, timeout: float) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+def spawn(case: str, mode: str, size: str, device: str, threads: int, dtype: str, timeout: float,
+          timing: bool = False) -> dict:
+    """One case in a fresh process: for memory with mmap'd allocations, or (``timing``) with the default
+    allocator and one untimed step first, as a training loop runs (every band's allocation being an mmap
+    makes the banded CanKD several times slower than it trains)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if timing:
+        env[TIMING_ENV] = "1"
+    else:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cmd = [sys.executable, __file__, "--child", case, mode, size, device, str(threads), dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -246,6 +273,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=[str(n) for n in SIZES],
                         help="positions N (square grids) or HxW grids such as 272x200")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=ALL_CASES)
+    parser.add_argument("--modes", nargs="+", default=["naive", "ours"], choices=MODES,
+                        help="one-pass: CanKD without row bands (chunk_positions=0)")
+    parser.add_argument("--time", action="store_true",
+                        help="also time each case in a second process with the default allocator (seconds_default_malloc)")
     parser.add_argument("--naive-budget-gib", type=float, default=4.0,
                         help="skip the naive variant when its extrapolated peak exceeds this")
     parser.add_argument("--ours-max-n", nargs="*", default=["acam_fpn_c256=16384"],
@@ -270,9 +301,11 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     header = f"{'case':<16} {'mode':<6} {'N':>6} {'peak MiB':>10} {'B/pos':>8} {'marg B/pos':>10}"
-    print(f"{header} {'x prev':>7} {'s':>7}")
+    print(f"{header} {'x prev':>7} {'s':>7}".replace("mode  ", "mode    "))
     for case in args.cases:
-        for mode in ("naive", "ours"):
+        for mode in args.modes:
+            if mode == "one-pass" and case not in CASES:
+                continue
             last: dict[str, Any] | None = None  # last measured row of this series
             for size in args.sizes:
                 h, w = grid(size)
@@ -294,7 +327,7 @@ def main() -> None:
                             f"quadratically from N={last['positions']})"
                         )
                         row["estimated_peak_bytes"] = int(estimate)
-                if mode == "ours" and n > ours_cap.get(case, n):
+                if mode != "naive" and n > ours_cap.get(case, n):
                     skip = (
                         f"skipped (CPU runtime cap N<={ours_cap[case]}: attention FLOPs grow "
                         "as N² at C=256; its memory is linear)"
@@ -302,9 +335,12 @@ def main() -> None:
                 if skip:
                     row["skipped"] = skip
                     rows.append(row)
-                    print(f"{case:<16} {mode:<6} {n:>6} {skip}")
+                    print(f"{case:<16} {mode:<8} {n:>6} {skip}")
                     continue
                 row.update(spawn(case, mode, size, device, threads, args.dtype, timeout=600))
+                if args.time:
+                    timed = spawn(case, mode, size, device, threads, args.dtype, timeout=600, timing=True)
+                    row["seconds_default_malloc"] = timed["seconds"]
                 peak = row["peak_bytes"]
                 row["bytes_per_position"] = round(peak / n, 1)
                 marginal = ratio = None
@@ -319,9 +355,10 @@ def main() -> None:
                         row["ratio_to_previous"] = ratio
                 rows.append(row)
                 print(
-                    f"{case:<16} {mode:<6} {n:>6} {peak / MiB:>10.1f}"
+                    f"{case:<16} {mode:<8} {n:>6} {peak / MiB:>10.1f}"
                     f" {row['bytes_per_position']:>8} {marginal if marginal is not None else '-':>10}"
                     f" {ratio if ratio is not None else '-':>7} {row['seconds']:>7.2f}"
+                    + (f" {row['seconds_default_malloc']:>7.2f}" if args.time else "")
                 )
                 last = row
 
@@ -329,7 +366,8 @@ def main() -> None:
     for case in args.cases:
         for size in args.sizes:
             n = grid(size)[0] * grid(size)[1]
-            pair = [r for r in rows if r["case"] == case and r["positions"] == n and "loss" in r]
+            pair = [r for r in rows if r["case"] == case and r["positions"] == n and "loss" in r
+                    and r["mode"] in ("naive", "ours")]
             if len(pair) == 2:
                 a, b = (float(r["loss"]) for r in pair)
                 for r in pair:

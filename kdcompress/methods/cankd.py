@@ -11,16 +11,23 @@ Default tap ``stage4``: the last backbone stage *after* its final ReLU, as the a
 ResNet's ``layer4`` (for MobileNetV2 the last stage is a linear bottleneck: the same map as
 ``backbone``). ``--taps backbone`` distils the pre-ReLU residual sum instead; both are measured
 side by side in ``benchmarks/efficacy.py``.
+
+Large maps (more than ``chunk_positions`` positions, default 2048: FPN P2/P3 of a detection image)
+go through ``chunked_can_loss``: the loss is computed and differentiated in row bands and
+recomputed in backward, so nothing but the student map's gradient is ever held at full size
+(``benchmarks/attention_memory.py``). ``chunk_positions=0`` keeps the one-pass path everywhere.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping, Sequence
+import math
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcompress.errors import ConfigError
 from kdcompress.methods.base import (
     DistillMethod,
     Shapes,
@@ -88,12 +95,143 @@ def instance_norm_mse(z_s: Tensor, y_t: Tensor) -> Tensor:
     return F.mse_loss(F.instance_norm(at_least_fp32(z_s)), target)
 
 
+# Levels of the chunked computation: each is a sum over row bands that may read the sums of the levels
+# before it. 0: teacher instance-norm sums (constant), 1: Σ kᵀv over pooled keys, 2: batch-norm sums of
+# W(q·kv), 3: instance-norm sums of z_s, 4: Σ (IN(z_s) − IN(y_t))².
+_LEVELS = (0, 1, 2, 3, 4)
+_IN_EPS = 1e-5  # F.instance_norm's default
+
+
+def _moments(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Σx and Σx² over ``dims`` (stacked); bands are summed in float64, where E[x²] − E[x]² is taken."""
+    return torch.stack([x.sum(dims), x.pow(2).sum(dims)]).double()
+
+
+def _mean_rstd(sums: Tensor, count: int, eps: float) -> tuple[Tensor, Tensor]:
+    mean = sums[0] / count
+    var = (sums[1] / count - mean.pow(2)).clamp_min(0)
+    return mean.float(), (var + eps).rsqrt().float()
+
+
+def _band_sums(level: int, ys: Tensor, yt: Tensor, p: Mapping[str, Tensor], sums: Mapping[int, Tensor],
+               block: CanBlock, full_hw: tuple[int, int]) -> Tensor:
+    """One row band's contribution to level ``level``'s sum (fp32 maths, float64 sums)."""
+    h, w = full_hw
+    b = yt.shape[0]
+    if level == 0:
+        return _moments(yt, (2, 3))  # 2×B×C
+    if level == 1:
+        k = block.pool(F.conv2d(yt, p["phi.weight"], p["phi.bias"])).flatten(2)  # B×C'×n
+        v = block.pool(F.conv2d(yt, p["g.weight"], p["g.bias"])).flatten(2)
+        return torch.bmm(k, v.transpose(1, 2)).double()  # B×C'×C'
+    n_keys = math.ceil(h / 2) * math.ceil(w / 2)
+    kv = (sums[1] / n_keys).float()
+    q = F.conv2d(ys, p["theta.weight"], p["theta.bias"])
+    a = torch.bmm(kv.transpose(1, 2), q.flatten(2)).view_as(q)
+    u = F.conv2d(a, p["w.weight"], p["w.bias"])
+    if level == 2:
+        return _moments(u, (0, 2, 3))  # 2×C
+    mean, rstd = _mean_rstd(sums[2], b * h * w, block.bn.eps)
+    scale = (rstd * p["bn.weight"])[None, :, None, None]
+    z = (u - mean[None, :, None, None]) * scale + p["bn.bias"][None, :, None, None] + ys
+    if level == 3:
+        return _moments(z, (2, 3))  # 2×B×C
+    z_mean, z_rstd = _mean_rstd(sums[3], h * w, _IN_EPS)
+    t_mean, t_rstd = _mean_rstd(sums[0], h * w, _IN_EPS)
+    z_hat = (z - z_mean[..., None, None]) * z_rstd[..., None, None]
+    t_hat = (yt - t_mean[..., None, None]) * t_rstd[..., None, None]
+    return (z_hat - t_hat).pow(2).sum().double()
+
+
+class _ChunkedCanLoss(torch.autograd.Function):
+    """``instance_norm_mse(block(y_s, y_t), y_t)`` in row bands; backward recomputes band by band.
+
+    Forward sums each level over the bands (no graph kept). Backward walks the levels in reverse:
+    each band is recomputed with its slice of y_s, the parameters and the earlier levels' sums as
+    leaves, and ``grad`` of ⟨band sum, gradient of that level's sum⟩ adds to the student map's
+    gradient, the parameters' and the earlier sums' (the chain rule through a sum of bands).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y_s: Tensor, y_t: Tensor, block: CanBlock, rows: int, *params: Tensor) -> Tensor:
+        names = [name for name, _ in block.named_parameters()]
+        p = {name: t.detach().float() for name, t in zip(names, params)}
+        h, w = y_s.shape[-2:]
+        bands = [(r, min(r + rows, h)) for r in range(0, h, rows)]
+        sums: dict[int, Tensor] = {}
+        with torch.no_grad(), torch.autocast(device_type=y_s.device.type, enabled=False):
+            for level in _LEVELS:
+                sums[level] = sum(  # type: ignore[assignment]
+                    _band_sums(level, y_s[:, :, r0:r1].float(), y_t[:, :, r0:r1].float(), p, sums, block, (h, w))
+                    for r0, r1 in bands
+                )
+        if block.bn.track_running_stats and block.bn.running_mean is not None:
+            _update_running_stats(block.bn, sums[2], y_s.shape[0] * h * w)
+        ctx.save_for_backward(y_s, y_t, *params)
+        ctx.block, ctx.names, ctx.bands, ctx.sums = block, names, bands, sums
+        return (sums[4] / y_s.numel()).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        y_s, y_t, *params = ctx.saved_tensors
+        block, names, bands, sums = ctx.block, ctx.names, ctx.bands, ctx.sums
+        h, w = y_s.shape[-2:]
+        p = {name: t.detach().float().requires_grad_() for name, t in zip(names, params)}
+        leaves = {0: sums[0], **{lvl: sums[lvl].detach().requires_grad_() for lvl in (1, 2, 3)}}
+        grad_ys = torch.zeros_like(y_s)  # in y_s's dtype: an fp32 buffer plus a bf16 copy would cost 1.5×
+        grad_p = {name: torch.zeros_like(t) for name, t in p.items()}
+        grad_sums: dict[int, Tensor] = {lvl: torch.zeros_like(leaves[lvl]) for lvl in (1, 2, 3)}
+        grad_sums[4] = grad_out.double() / y_s.numel()
+        with torch.enable_grad(), torch.autocast(device_type=y_s.device.type, enabled=False):
+            for level in (4, 3, 2, 1):
+                earlier = list(range(1, level))
+                for r0, r1 in bands:
+                    ys = y_s[:, :, r0:r1].detach().float().requires_grad_(level >= 2)
+                    out = _band_sums(level, ys, y_t[:, :, r0:r1].float(), p, leaves, block, (h, w))
+                    wrt = ([ys] if level >= 2 else []) + list(p.values()) + [leaves[lvl] for lvl in earlier]
+                    grads = torch.autograd.grad((out * grad_sums[level]).sum(), wrt, allow_unused=True)
+                    if level >= 2:
+                        grad_ys[:, :, r0:r1] += grads[0].to(grad_ys.dtype)
+                        grads = grads[1:]
+                    for name, g in zip(p, grads[: len(p)]):
+                        if g is not None:
+                            grad_p[name] += g
+                    for lvl, g in zip(earlier, grads[len(p):]):
+                        if g is not None:
+                            grad_sums[lvl] += g
+        grad_params = tuple(grad_p[name].to(t.dtype) for name, t in zip(names, params))
+        return (grad_ys, None, None, None, *grad_params)
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, sums: Tensor, count: int) -> None:
+    """What nn.BatchNorm2d does in training mode: momentum update with the unbiased batch variance."""
+    assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
+    mean = sums[0] / count
+    var = (sums[1] / count - mean.pow(2)).clamp_min(0) * count / max(count - 1, 1)
+    bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+    bn.running_var.lerp_(var.to(bn.running_var.dtype), factor)
+
+
+def chunked_can_loss(block: CanBlock, y_s: Tensor, y_t: Tensor, positions: int) -> Tensor:
+    """``instance_norm_mse(block(y_s, y_t), y_t)`` with bands of about ``positions`` positions.
+
+    Same value and gradients as the one-pass path (tests), in fp32 whatever the autocast; peak memory
+    is the student map's gradient plus one band's graph, instead of a dozen full-size maps. Bands are
+    an even number of rows, so the 2×2 key pooling sees the same windows as on the whole map.
+    """
+    rows = max(2, 2 * round(positions / (2 * y_s.shape[-1])))
+    return _ChunkedCanLoss.apply(y_s, y_t.detach(), block, rows, *block.parameters())
+
+
 class CanKD(DistillMethod):
     """L_can = Σ over taps of MSE(IN(Can(adapter(F^S), F^T)), IN(F^T)); weight μ (default 5)."""
 
     name: ClassVar[str] = "cankd"
     default_taps: ClassVar[tuple[str, ...]] = ("stage4",)
-    default_hparams: ClassVar[dict[str, float]] = {"mu": 5.0}
+    # chunk_positions: maps with more positions go through chunked_can_loss (0: never)
+    default_hparams: ClassVar[dict[str, float]] = {"mu": 5.0, "chunk_positions": 2048.0}
 
     def __init__(
         self,
@@ -104,6 +242,10 @@ class CanKD(DistillMethod):
         **hparams: float,
     ) -> None:
         super().__init__(student_shapes, teacher_shapes, taps, num_classes, **hparams)
+        chunk = self.hparams["chunk_positions"]
+        if chunk < 0 or chunk != int(chunk):
+            raise ConfigError(f"hparam 'chunk_positions' of method 'cankd' must be a whole number ≥ 0 "
+                              f"(0 = never chunk), got {chunk}")
         self.adapter = nn.ModuleDict()
         self.can = nn.ModuleDict()
         for tap in self.taps:
@@ -123,7 +265,11 @@ class CanKD(DistillMethod):
         for tap in self.taps:
             y_t = self._teacher(teacher_feats, tap)
             y_s = resize_to(self.adapter[tap](student_feats[tap]), y_t)
-            terms.append(instance_norm_mse(self.can[tap](y_s, y_t), y_t))
+            block, chunk = self.can[tap], int(self.hparams["chunk_positions"])
+            if block.training and not block.naive and 0 < chunk < y_t.shape[-2] * y_t.shape[-1]:
+                terms.append(chunked_can_loss(block, y_s, y_t, chunk))
+            else:
+                terms.append(instance_norm_mse(block(y_s, y_t), y_t))
         return {"can": torch.stack(terms).sum()}
 
     def loss_weights(self) -> dict[str, float]:

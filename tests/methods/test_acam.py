@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kdcompress.errors import ConfigError
 from kdcompress.methods import build_method
 from kdcompress.methods.base import inherit_from_teacher
 from kdcompress.methods.acam import (
@@ -228,3 +229,59 @@ def test_saturated_masks_on_a_tiny_level_stay_finite() -> None:
     (loss_c + loss_s).backward()
     assert torch.isfinite(diff_sq.grad).all()
     assert torch.isfinite(diversity(spatial)).all()
+
+
+class TestACAMBanded(TestACAMLogits):
+    """The whole conformance suite through the banded path (tiny bands force it on these small maps)."""
+
+    hparams = {"chunk_positions": 7.0}
+
+
+class TestACAMFeatureTapBanded(TestACAMFeatureTap):
+    hparams = {"m": 3.0, "chunk_positions": 5.0}
+
+
+class TestACAMPaperSquaredBanded(TestACAMLogits):
+    hparams = {**PAPER, "mask_power": 2.0, "chunk_positions": 6.0}
+
+
+@pytest.mark.parametrize("options", [{}, PAPER, {**PAPER, "mask_power": 2.0}, {"detach_kv": 0.0}])
+def test_banded_path_matches_one_pass_for_every_parameter(options: dict[str, float]) -> None:
+    shapes_s = {"encoder": torch.Size((2, 12, 5, 7))}
+    shapes_t = {"encoder": torch.Size((2, 16, 5, 7))}
+    one = randomize(build_method("acam", shapes_s, shapes_t, 5, taps=["encoder"], chunk_positions=0, **options))
+    banded = build_method("acam", shapes_s, shapes_t, 5, taps=["encoder"], chunk_positions=8, **options)
+    banded.load_state_dict(one.state_dict())
+    s = make_feats(shapes_s, seed=3, requires_grad=True)
+    t = make_feats(shapes_t, seed=4)
+    results = []
+    for method in (one, banded):
+        terms = method(s, t)
+        weights = torch.tensor([1.0, 0.7, 0.3])  # distinct weights: each term's gradient is checked
+        total = sum(w * terms[k] for w, k in zip(weights, ("acam_c", "acam_s", "acam_div")))
+        params = [p for p in method.parameters()]
+        results.append((torch.stack(list(terms.values())), torch.autograd.grad(total, [s["encoder"], *params])))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for g_banded, g_one in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(g_banded, g_one, rtol=1e-4, atol=1e-6)
+
+
+def test_chunk_positions_must_be_a_whole_number() -> None:
+    with pytest.raises(ConfigError, match="chunk_positions"):
+        build_method("acam", STUDENT, TEACHER, NUM_CLASSES, chunk_positions=-1)
+
+
+def test_banded_path_under_bf16_autocast_matches_fp32() -> None:
+    shapes = {"encoder": torch.Size((1, 16, 6, 6))}
+    method = randomize(build_method("acam", shapes, shapes, 5, taps=["encoder"], chunk_positions=8))
+    s = make_feats(shapes, seed=3, requires_grad=True)
+    t = make_feats(shapes, seed=4)
+    ref = torch.stack(list(method(s, t).values()))
+    (g_ref,) = torch.autograd.grad(ref.sum(), s["encoder"])
+    s16 = {"encoder": s["encoder"].detach().bfloat16().requires_grad_()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = torch.stack(list(method(s16, {"encoder": t["encoder"].bfloat16()}).values()))
+    (g_half,) = torch.autograd.grad(half.sum(), s16["encoder"])
+    assert g_half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref, rtol=3e-2, atol=1e-3)
+    torch.testing.assert_close(g_half.float(), g_ref, rtol=5e-2, atol=5e-3)

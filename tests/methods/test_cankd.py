@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcompress.errors import ConfigError
 from kdcompress.methods import build_method
+from kdcompress.methods import cankd as cankd_module
 from kdcompress.methods.cankd import CanBlock, CanKD, linear_affinity, naive_affinity
 from tests.methods.method_conformance import (
     NUM_CLASSES,
@@ -128,3 +131,69 @@ def test_adapter_only_when_widths_differ() -> None:
     shapes_t = {"backbone": torch.Size((2, 64, 16, 16))}
     assert isinstance(build_method("cankd", shapes_s, shapes_t, 5, taps=["backbone"]).adapter["backbone"], nn.Conv2d)
     assert isinstance(build_method("cankd", shapes_t, shapes_t, 5, taps=["backbone"]).adapter["backbone"], nn.Identity)
+
+
+class TestCanKDChunked(TestCanKD):
+    """The whole conformance suite through the banded path (tiny bands force it on these small maps)."""
+
+    hparams = {"chunk_positions": 4.0}
+
+
+def _loss_and_grads(method: CanKD, s: Feats, t: Feats) -> tuple[Tensor, list[Tensor]]:
+    loss = method(s, t)["can"]
+    params = [p for p in method.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [*s.values(), *params])
+    return loss, list(grads)
+
+
+def test_chunked_path_matches_one_pass_in_value_gradients_and_running_stats() -> None:
+    # odd height (last band odd, ceil-mode pooling), a width adapter and a resize on the way in
+    shapes_s = {"feat": torch.Size((2, 12, 5, 6))}
+    shapes_t = {"feat": torch.Size((2, 16, 9, 10))}
+    one = randomize(build_method("cankd", shapes_s, shapes_t, 5, taps=["feat"], chunk_positions=0)).train()
+    banded = build_method("cankd", shapes_s, shapes_t, 5, taps=["feat"], chunk_positions=20).train()
+    banded.load_state_dict(one.state_dict())
+    s = make_feats(shapes_s, seed=3, requires_grad=True)
+    t = make_feats(shapes_t, seed=4)
+    loss_one, grads_one = _loss_and_grads(one, s, t)
+    loss_banded, grads_banded = _loss_and_grads(banded, s, t)
+    torch.testing.assert_close(loss_banded, loss_one, rtol=1e-5, atol=1e-6)
+    for g_banded, g_one in zip(grads_banded, grads_one, strict=True):
+        torch.testing.assert_close(g_banded, g_one, rtol=1e-4, atol=1e-6)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(banded.can["feat"].bn, name), getattr(one.can["feat"].bn, name))
+
+
+def test_chunked_path_only_on_large_maps_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = cankd_module.chunked_can_loss
+    monkeypatch.setattr(cankd_module, "chunked_can_loss", lambda *a: calls.append(1) or real(*a))
+    method = randomize(build_method("cankd", TEACHER, TEACHER, NUM_CLASSES, chunk_positions=8)).train()
+    s, t = make_feats(TEACHER, seed=1, requires_grad=True), make_feats(TEACHER, seed=2)
+    method(s, t)
+    assert len(calls) == 1
+    method.eval()
+    method(s, t)
+    build_method("cankd", TEACHER, TEACHER, NUM_CLASSES).train()(s, t)  # default 2048 > these maps
+    assert len(calls) == 1
+
+
+def test_chunk_positions_must_be_a_whole_number() -> None:
+    with pytest.raises(ConfigError, match="chunk_positions"):
+        build_method("cankd", TEACHER, TEACHER, NUM_CLASSES, chunk_positions=2.5)
+
+
+def test_chunked_path_under_bf16_autocast_matches_fp32() -> None:
+    shapes = {"feat": torch.Size((1, 16, 8, 6))}
+    method = randomize(build_method("cankd", shapes, shapes, 5, taps=["feat"], chunk_positions=12)).train()
+    s = make_feats(shapes, seed=3, requires_grad=True)
+    t = make_feats(shapes, seed=4)
+    ref = method(s, t)["can"]
+    (g_ref,) = torch.autograd.grad(ref, s["feat"])
+    s16 = {"feat": s["feat"].detach().bfloat16().requires_grad_()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = method(s16, {"feat": t["feat"].bfloat16()})["can"]
+    (g_half,) = torch.autograd.grad(half, s16["feat"])
+    assert g_half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref, rtol=3e-2, atol=1e-3)
+    torch.testing.assert_close(g_half.float(), g_ref, rtol=5e-2, atol=5e-3)

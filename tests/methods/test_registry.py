@@ -74,7 +74,7 @@ def test_acam_without_logits_names_the_model() -> None:
 
 
 def test_unknown_and_bad_hparams() -> None:
-    valid = r"Valid: alpha, center_logits, detach_kv, lambda, m, mask_distill_grad, mask_power"
+    valid = r"Valid: alpha, center_logits, chunk_positions, detach_kv, lambda, m, mask_distill_grad, mask_power"
     with pytest.raises(ConfigError, match=rf"'mu'.*{valid}"):
         build_method("acam", STUDENT, TEACHER, NUM_CLASSES, mu=1.0)
     with pytest.raises(ConfigError, match="must be a number"):

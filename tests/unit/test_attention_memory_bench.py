@@ -32,3 +32,9 @@ def test_attention_case_shapes_follow_the_methods() -> None:
     assert [tuple(inputs[k].shape) for k in ("q", "k", "v")] == [(1, 35, 128), (1, 12, 128), (1, 12, 128)]
     inputs, _ = bench.attention_step("acam_attn_c256", "ours", (5, 7), "cpu", torch.float32)
     assert [tuple(inputs[k].shape) for k in ("q", "k", "v")] == [(1, 35, 128), (1, 35, 128), (1, 35, 256)]
+
+
+def test_cankd_banded_and_one_pass_modes_measure_the_same_loss() -> None:
+    # 50x50 = 2500 positions: above the default chunk_positions (2048), so "ours" runs in row bands
+    rows = {mode: bench.run_case("cankd_c256", mode, "50x50", "cpu", 1, "float32") for mode in ("ours", "one-pass")}
+    assert rows["ours"]["loss"] == pytest.approx(rows["one-pass"]["loss"], rel=1e-5)
