@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -244,23 +243,10 @@ def spawn(case: str, mode: str, size: str, device: str, threads: int, dtype: str
 
 
 def environment(device: str, threads: int, dtype: str) -> dict[str, object]:
-    import torch
+    """The shared record of where a number was measured (CPU model, versions), plus this run's dtype."""
+    from kdcompress.profiling.latency import environment as measured_on
 
-    env: dict[str, object] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "threads": threads,
-        "cpu_count": os.cpu_count(),
-        "dtype": dtype,
-        "batch": 1,
-    }
-    if device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(0)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
+    return {**measured_on(device, threads), "dtype": dtype, "batch": 1}
 
 
 def main() -> None:
