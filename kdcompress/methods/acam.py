@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from kdcompress.errors import ConfigError
 from kdcompress.methods.base import (
+    check_chunk_positions,
     DistillMethod,
     Shapes,
     at_least_fp32,
@@ -354,10 +355,7 @@ class ACAMKD(DistillMethod):
         for flag in ("mask_distill_grad", "detach_kv", "center_logits"):
             if self.hparams[flag] not in (0.0, 1.0):
                 raise ConfigError(f"hparam '{flag}' of method 'acam' must be 0 or 1, got {self.hparams[flag]}")
-        chunk = self.hparams["chunk_positions"]
-        if chunk < 0 or chunk != int(chunk):
-            raise ConfigError(f"hparam 'chunk_positions' of method 'acam' must be a whole number ≥ 0 "
-                              f"(0 = never band), got {chunk}")
+        check_chunk_positions(self.hparams, self.name)
         if hparams.get("center_logits") and "logits" not in self.taps:  # asked for explicitly
             raise ConfigError("hparam 'center_logits' of method 'acam' needs the logits tap (--taps logits); "
                               f"this run distils {', '.join(self.taps)}. Set method.center_logits=0.")

@@ -126,6 +126,15 @@ def resize_to(x: Tensor, like: Tensor) -> Tensor:
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def check_chunk_positions(hparams: Mapping[str, float], method: str) -> int:
+    """The banded losses' threshold: a whole number of positions ≥ 0 (0 = never band)."""
+    chunk = hparams["chunk_positions"]
+    if chunk < 0 or chunk != int(chunk):
+        raise ConfigError(f"hparam 'chunk_positions' of method '{method}' must be a whole number ≥ 0 "
+                          f"(0 = one pass, no bands), got {chunk}")
+    return int(chunk)
+
+
 def at_least_fp32(x: Tensor) -> Tensor:
     """Upcast half/bfloat16 (autocast outputs) for reductions; leave fp32/fp64 as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

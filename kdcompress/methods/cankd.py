@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcompress.errors import ConfigError
 from kdcompress.methods.base import (
+    check_chunk_positions,
     DistillMethod,
     Shapes,
     at_least_fp32,
@@ -242,10 +242,7 @@ class CanKD(DistillMethod):
         **hparams: float,
     ) -> None:
         super().__init__(student_shapes, teacher_shapes, taps, num_classes, **hparams)
-        chunk = self.hparams["chunk_positions"]
-        if chunk < 0 or chunk != int(chunk):
-            raise ConfigError(f"hparam 'chunk_positions' of method 'cankd' must be a whole number ≥ 0 "
-                              f"(0 = never chunk), got {chunk}")
+        check_chunk_positions(self.hparams, self.name)
         self.adapter = nn.ModuleDict()
         self.can = nn.ModuleDict()
         for tap in self.taps:
