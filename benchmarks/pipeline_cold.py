@@ -57,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--record", type=Path, help="a finished run folder (runs/pipeline-digits) made cold by hand")
     ap.add_argument("--wall-s", type=float, help="its wall time, measured by the shell")
-    ap.add_argument("--recipe", default="digits", help="built-in recipe (digits, digits-det)")
+    ap.add_argument("--recipe", default="digits", help="built-in recipe (digits, digits-full, digits-det)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.out = args.out or RESULTS / f"pipeline_{args.recipe}_cold.json"

@@ -9,9 +9,11 @@ import typer
 
 from kdcompress.cli.common import NoProgress, Out, Sets, console, overrides
 
+RECIPE_HELP = "Built-in recipe name (digits, or any listed by `kdcompress zoo`) or path to a YAML recipe."
+
 
 def pipeline(
-    recipe: Annotated[str, typer.Argument(help="Built-in recipe name (digits) or path to a YAML recipe.")] = "digits",
+    recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)] = "digits",
     out: Out = None,
     teacher: Annotated[Optional[Path], typer.Option("--teacher", "-t", help="Use this teacher checkpoint instead of training one.")] = None,
     min_miou: Annotated[Optional[float], typer.Option("--min-miou", help="Gate: distilled student mIoU >= this.")] = None,

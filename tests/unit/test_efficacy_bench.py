@@ -41,12 +41,26 @@ def test_last_quarter_gain_is_the_plateau_test() -> None:
     assert efficacy.last_quarter_gain([]) is None
 
 
-def test_papers_regime_is_the_default_and_explicit_sets_win() -> None:
-    sets = efficacy.regime_sets("digits", ["student.train.steps=50"])
-    assert sets[:len(efficacy.PAPERS_REGIME["digits"])] == efficacy.PAPERS_REGIME["digits"]
-    assert sets[-1] == "student.train.steps=50"  # applied last: overrides the regime's 1200
-    assert efficacy.regime_sets("digits", ["a=1"], recipe_schedule=True) == ["a=1"]
-    assert efficacy.regime_sets("digits-det", []) == []
+def test_the_papers_regime_is_a_recipe_on_the_demos_data_and_teacher() -> None:
+    """Both tables compare students on one dataset and one teacher: the regime changes pretraining and students."""
+    from dataclasses import asdict
+
+    from kdcompress.config import load_recipe, role_train
+
+    full, demo = load_recipe(efficacy.DEFAULT_RECIPE), load_recipe("digits")
+    assert asdict(full.data) == asdict(demo.data) and full.teacher == demo.teacher
+    assert role_train(full, "teacher") == role_train(demo, "teacher")
+    s_full, s_demo = role_train(full, "student"), role_train(demo, "student")
+    assert s_full.steps * s_full.batch_size == 8 * s_demo.steps * s_demo.batch_size
+    assert full.pretrain.steps > demo.pretrain.steps
+    assert full.student.model == demo.student.model
+
+
+def test_each_recipe_has_its_own_results_file() -> None:
+    assert efficacy.out_path("digits-full").name == "efficacy.json"
+    assert efficacy.out_path("digits").name == "efficacy_demo.json"
+    assert efficacy.out_path("digits-det").name == "efficacy_digits-det.json"
+    assert efficacy.out_path("/tmp/mine.yaml").name == "efficacy_mine.json"
 
 
 def test_a_first_seed_row_is_compared_with_the_first_seed_none() -> None:
