@@ -225,7 +225,7 @@ def test_saturated_masks_on_a_tiny_level_stay_finite() -> None:
     spatial = torch.zeros(2, 2, 4)  # every mask 0 everywhere
     channel = torch.ones(2, 2, 8)
     loss_c, loss_s = method._masked_losses(diff_sq, spatial, channel)
-    assert torch.isfinite(loss_c) and torch.isfinite(loss_s) and float(loss_s) == 0.0
+    assert torch.isfinite(loss_c) and torch.isfinite(loss_s) and float(loss_s.detach()) == 0.0
     (loss_c + loss_s).backward()
     assert torch.isfinite(diff_sq.grad).all()
     assert torch.isfinite(diversity(spatial)).all()
