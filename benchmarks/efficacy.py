@@ -62,6 +62,7 @@ VARIANTS = [
     "acam:cooldown=0.5",  # early-stopped KD: the distillation weight falls to ~0 over the second half
     "acam:alpha=0.25",  # a weight whose gradient at the logits starts at the task loss's order (ratio ~0.9)
     "cankd:taps=backbone",  # the pre-ReLU tap against the authors' post-ReLU stage4
+    "cankd:mu=1",  # a weight whose gradient at the tap starts at the task loss's order (ratio ~0.8)
 ]
 # ACAM-KD as its paper runs detection (with inheritance) and the inheritance-only control
 DET_VARIANTS = ["none:inherit=fpn+head", "acam:inherit=fpn+head"]
