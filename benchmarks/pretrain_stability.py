@@ -1,0 +1,84 @@
+"""How repeatable is the built-in digits pretraining? Held-out accuracy per seed and precision.
+
+Runs the same pretraining the pipeline runs (``kdcompress.pretrain``, seeded as the cache path seeds it)
+into a temporary folder, once per (seed, precision), and saves the held-out accuracy of each. ``bf16`` is
+what the trainer uses on CPUs with native bf16 (autocast), ``fp32`` switches autocast off. The cache is
+not touched.
+
+    python benchmarks/pretrain_stability.py                              # mbv2, digits-full settings, seeds 0-2 bf16 + seed 0 fp32
+    python benchmarks/pretrain_stability.py --backbone r18 --steps 200 --lr 0.003
+
+Saves ``benchmarks/results/pretrain_stability_<backbone>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_one(backbone: str, seed: int, precision: str, steps: int, lr: float, image_size: int) -> dict:
+    import torch
+
+    import kdcompress.engine.trainer as trainer
+    from kdcompress import pretrain as P
+
+    cfg = P.PretrainConfig(steps=steps, batch_size=32, lr=lr, image_size=image_size, seed=seed)
+    cfg.check()
+    saved = trainer.amp_dtype_for
+    if precision == "fp32":  # _pretrain reads the trainer's choice of autocast dtype at call time
+        trainer.amp_dtype_for = lambda device: None
+    try:
+        with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            path = P._pretrain(backbone, 0, cfg, Path(tmp) / f"{backbone}.pth", print)
+            record = P.read_pretrain_record(path)
+    finally:
+        trainer.amp_dtype_for = saved
+    return {"seed": seed, "precision": precision, "held_out_accuracy": record["held_out_accuracy"],
+            "wall_s": record["wall_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="mbv2")
+    ap.add_argument("--steps", type=int, default=600, help="600 / lr 0.01: the digits-full recipe's pretraining")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--runs", nargs="+", default=["0:bf16", "1:bf16", "2:bf16", "0:fp32"], help="seed:precision")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    for r in args.runs:
+        seed, _, prec = r.partition(":")
+        if not seed.isdigit() or prec not in ("bf16", "fp32"):
+            ap.error(f"run '{r}' must be seed:bf16 or seed:fp32, e.g. 0:bf16")
+
+    import torch
+
+    from kdcompress.profiling.latency import environment
+
+    rows = []
+    for r in args.runs:
+        seed, _, prec = r.partition(":")
+        if prec == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            print(f"skip {r}: this CPU has no native bf16 (the trainer runs fp32 here)")
+            continue
+        row = run_one(args.backbone, int(seed), prec, args.steps, args.lr, args.image_size)
+        rows.append(row)
+        print(f"{args.backbone} seed {seed} {prec}: held-out accuracy {100 * row['held_out_accuracy']:.1f} % "
+              f"({row['wall_s']:.0f} s)", flush=True)
+    out = {"benchmark": "pretrain_stability", "backbone": args.backbone,
+           "config": {"steps": args.steps, "batch_size": 32, "lr": args.lr, "image_size": args.image_size},
+           "runs": rows, "environment": environment("cpu")}
+    path = args.out or RESULTS / f"pretrain_stability_{args.backbone}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
