@@ -9,7 +9,7 @@ import typer
 
 from kdcompress.cli.common import NoProgress, Out, Sets, console, overrides
 
-RECIPE_HELP = "Built-in recipe name (digits, or any listed by `kdcompress zoo`) or path to a YAML recipe."
+RECIPE_HELP = "Built-in recipe name (digits, or any listed by `kdcompress list recipes`) or path to a YAML recipe."
 
 
 def pipeline(

@@ -63,3 +63,14 @@ def test_readme_command_parses(args: list[str]) -> None:
 def test_cheap_readme_commands_run_as_written(args: list[str], capsys: pytest.CaptureFixture) -> None:
     res = run_cli(capsys, *args)
     assert res.code == 0, res.err
+
+
+def test_inline_command_mentions_exist() -> None:
+    """Prose and help texts name commands too (`kdcompress list recipes`); each named command must exist."""
+    commands = set(typer.main.get_command(app).commands)
+    assert {"pipeline", "list"} <= commands
+    root = README.parent
+    texts = [README.read_text()] + [p.read_text() for p in sorted((root / "cli").glob("*.py"))]
+    named = {m for t in texts for m in re.findall(r"`kdcompress ([a-z][a-z-]*)", t)}
+    assert named, "no inline command found: the pattern no longer matches the README"
+    assert not named - commands, f"unknown commands named: {sorted(named - commands)}"
