@@ -24,21 +24,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def run_one(backbone: str, seed: int, precision: str, steps: int, lr: float, image_size: int) -> dict:
     import torch
 
-    import kdcompress.engine.trainer as trainer
     from kdcompress import pretrain as P
 
     cfg = P.PretrainConfig(steps=steps, batch_size=32, lr=lr, image_size=image_size, seed=seed)
     cfg.check()
-    saved = trainer.amp_dtype_for
-    if precision == "fp32":  # _pretrain reads the trainer's choice of autocast dtype at call time
-        trainer.amp_dtype_for = lambda device: None
-    try:
-        with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            path = P._pretrain(backbone, 0, cfg, Path(tmp) / f"{backbone}.pth", print)
-            record = P.read_pretrain_record(path)
-    finally:
-        trainer.amp_dtype_for = saved
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # as ensure_digits_pretrained seeds it
+        path = P._pretrain(backbone, 0, cfg, Path(tmp) / f"{backbone}.pth", print, fp32=precision == "fp32")
+        record = P.read_pretrain_record(path)
     return {"seed": seed, "precision": precision, "held_out_accuracy": record["held_out_accuracy"],
             "wall_s": record["wall_s"]}
 

@@ -243,7 +243,9 @@ def ensure_digits_pretrained(backbone: str, data_seed: int = 0, cfg: PretrainCon
         return _pretrain(backbone, data_seed, cfg, path, log)
 
 
-def _pretrain(backbone: str, data_seed: int, cfg: PretrainConfig, path: Path, log: Callable[[str], None]) -> Path:
+def _pretrain(backbone: str, data_seed: int, cfg: PretrainConfig, path: Path, log: Callable[[str], None],
+              fp32: bool = False) -> Path:
+    """``fp32`` turns autocast off (benchmarks/pretrain_stability.py compares it with the trainer's choice)."""
     from kdcompress.engine.checkpoint import atomic_save, atomic_write_text
     from kdcompress.engine.trainer import amp_dtype_for
 
@@ -255,7 +257,7 @@ def _pretrain(backbone: str, data_seed: int, cfg: PretrainConfig, path: Path, lo
     train_data = DigitCrops(data_seed, cfg.image_size, held_out=False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.3)
-    amp = amp_dtype_for(torch.device("cpu"))
+    amp = None if fp32 else amp_dtype_for(torch.device("cpu"))
     net.train()
     every = max(1, cfg.steps // 5)
     for step in range(cfg.steps):
