@@ -5,10 +5,10 @@ into a temporary folder, once per (seed, precision), and saves the held-out accu
 what the trainer uses on CPUs with native bf16 (autocast), ``fp32`` switches autocast off. The cache is
 not touched.
 
-    python benchmarks/pretrain_stability.py                              # mbv2, digits-full settings, seeds 0-2 bf16 + seed 0 fp32
-    python benchmarks/pretrain_stability.py --backbone r18 --steps 200 --lr 0.003
+    python benchmarks/pretrain_stability.py                              # mbv2, digits-full's settings, seeds 0-2 bf16 + seed 0 fp32
+    python benchmarks/pretrain_stability.py --backbone r18 --steps 200 --lr 0.01
 
-Saves ``benchmarks/results/pretrain_stability_<backbone>.json``.
+Saves ``benchmarks/results/pretrain_stability_<backbone>_lr<lr>.json``.
 """
 
 from __future__ import annotations
@@ -37,11 +37,14 @@ def run_one(backbone: str, seed: int, precision: str, steps: int, lr: float, ima
 
 
 def main() -> None:
+    from kdcompress.config import load_recipe
+
+    full = load_recipe("digits-full").pretrain  # the defaults are the papers'-regime recipe's pretraining
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="mbv2")
-    ap.add_argument("--steps", type=int, default=600, help="600 / lr 0.01: the digits-full recipe's pretraining")
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=full.steps, help=f"default {full.steps}: digits-full's")
+    ap.add_argument("--lr", type=float, default=full.lr, help=f"default {full.lr}: digits-full's")
+    ap.add_argument("--image-size", type=int, default=full.image_size)
     ap.add_argument("--runs", nargs="+", default=["0:bf16", "1:bf16", "2:bf16", "0:fp32"], help="seed:precision")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -67,7 +70,7 @@ def main() -> None:
     out = {"benchmark": "pretrain_stability", "backbone": args.backbone,
            "config": {"steps": args.steps, "batch_size": 32, "lr": args.lr, "image_size": args.image_size},
            "runs": rows, "environment": environment("cpu")}
-    path = args.out or RESULTS / f"pretrain_stability_{args.backbone}.json"
+    path = args.out or RESULTS / f"pretrain_stability_{args.backbone}_lr{args.lr:g}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"saved {path}")
