@@ -21,12 +21,13 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_one(backbone: str, seed: int, precision: str, steps: int, lr: float, image_size: int) -> dict:
+def run_one(backbone: str, seed: int, precision: str, steps: int, lr: float, image_size: int,
+            batch_size: int = 32) -> dict:
     import torch
 
     from kdcompress import pretrain as P
 
-    cfg = P.PretrainConfig(steps=steps, batch_size=32, lr=lr, image_size=image_size, seed=seed)
+    cfg = P.PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed)
     cfg.check()
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # as ensure_digits_pretrained seeds it
@@ -63,12 +64,12 @@ def main() -> None:
         if prec == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             print(f"skip {r}: this CPU has no native bf16 (the trainer runs fp32 here)")
             continue
-        row = run_one(args.backbone, int(seed), prec, args.steps, args.lr, args.image_size)
+        row = run_one(args.backbone, int(seed), prec, args.steps, args.lr, args.image_size, full.batch_size)
         rows.append(row)
         print(f"{args.backbone} seed {seed} {prec}: held-out accuracy {100 * row['held_out_accuracy']:.1f} % "
               f"({row['wall_s']:.0f} s)", flush=True)
     out = {"benchmark": "pretrain_stability", "backbone": args.backbone,
-           "config": {"steps": args.steps, "batch_size": 32, "lr": args.lr, "image_size": args.image_size},
+           "config": {"steps": args.steps, "batch_size": full.batch_size, "lr": args.lr, "image_size": args.image_size},
            "runs": rows, "environment": environment("cpu")}
     path = args.out or RESULTS / f"pretrain_stability_{args.backbone}_lr{args.lr:g}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
