@@ -25,7 +25,7 @@ Differences from the authors' public code, on purpose:
 * Taps: the spec's (and the paper's Table 3) backbone + encoder + decoder stay the default. In the
   papers' regime of the digits benchmark (students trained to 1200 steps) they end far *below* plain
   training (seed 0: −9.5 with the pretraining at lr 0.01, ``benchmarks/results/efficacy_lr0.01_amd.json``;
-  −12.7 at the current lr 0.003, ``benchmarks/results/efficacy.json``). The backbone tap alone (``--taps
+  −10.6 on three seeds at the current lr 0.003, ``benchmarks/results/efficacy.json``). The backbone tap alone (``--taps
   backbone``) gained +4.7 on three seeds at lr 0.01 (56 % of the gap, above logit KD on every seed) but
   −1.7 at lr 0.003 (one seed of three lost 6.2): its gain depends on the student's pretrained start.
 * The authors first train only the adapters (one epoch, student frozen), then the student with
