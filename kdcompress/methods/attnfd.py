@@ -29,7 +29,8 @@ Differences from the authors' public code, on purpose:
   backbone``) gained +4.7 on three seeds at lr 0.01 (56 % of the gap, above logit KD on every seed) but
   −1.7 at lr 0.003 (one seed of three lost 6.2): its gain depends on the student's pretrained start.
   On that tap at lr 0.003, α = 1 and α = 4 end lower still (55.4 and 52.8 against 56.8 on three seeds,
-  ``benchmarks/results/efficacy_attnfd_alpha_backbone_xeon.json``), so α = 2 stays.
+  ``benchmarks/results/efficacy_attnfd_backbone_xeon.json``), so α = 2 stays; a cool-down over the second half
+  ends at 55.9 there.
 * The authors first train only the adapters (one epoch, student frozen), then the student with
   the adapters frozen; ``adapter_steps=N`` does that within the run's schedule (the first N
   steps train the adapters). ``0`` trains both jointly from step 0.
