@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcompress.errors import ConfigError
 from kdcompress.methods.base import (
     check_chunk_positions,
     DistillMethod,
@@ -62,8 +63,9 @@ class CanBlock(nn.Module):
     The zero-initialised BN makes the block the identity at step 0 (z_s = y_s).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, detach_query: bool = False) -> None:
         super().__init__()
+        self.detach_query = detach_query  # the student reaches the loss only through the residual
         inner = max(1, channels // 2)
         self.theta = conv1x1(channels, inner, bias=True)
         self.phi = conv1x1(channels, inner, bias=True)
@@ -79,7 +81,7 @@ class CanBlock(nn.Module):
 
     def forward(self, y_s: Tensor, y_t: Tensor) -> Tensor:
         b, _, h, w = y_s.shape
-        q = self.theta(y_s).flatten(2).transpose(1, 2)  # B×HW×C'
+        q = self.theta(y_s.detach() if self.detach_query else y_s).flatten(2).transpose(1, 2)  # B×HW×C'
         k = self.pool(self.phi(y_t)).flatten(2).transpose(1, 2)  # B×N×C'
         v = self.pool(self.g(y_t)).flatten(2).transpose(1, 2)  # B×N×C'
         y = (naive_affinity if self.naive else linear_affinity)(q, k, v)
@@ -128,7 +130,7 @@ def _band_sums(level: int, ys: Tensor, yt: Tensor, p: Mapping[str, Tensor], sums
         return torch.bmm(k, v.transpose(1, 2)).double()  # B×C'×C'
     n_keys = math.ceil(h / 2) * math.ceil(w / 2)
     kv = (sums[1] / n_keys).float()
-    q = F.conv2d(ys, p["theta.weight"], p["theta.bias"])
+    q = F.conv2d(ys.detach() if block.detach_query else ys, p["theta.weight"], p["theta.bias"])
     a = torch.bmm(kv.transpose(1, 2), q.flatten(2)).view_as(q)
     u = F.conv2d(a, p["w.weight"], p["w.bias"])
     if level == 2:
@@ -193,7 +195,8 @@ class _ChunkedCanLoss(torch.autograd.Function):
                     wrt = ([ys] if level >= 2 else []) + list(p.values()) + [leaves[lvl] for lvl in earlier]
                     grads = torch.autograd.grad((out * grad_sums[level]).sum(), wrt, allow_unused=True)
                     if level >= 2:
-                        grad_ys[:, :, r0:r1] += grads[0].to(grad_ys.dtype)
+                        if grads[0] is not None:  # None: level 2 with a detached query
+                            grad_ys[:, :, r0:r1] += grads[0].to(grad_ys.dtype)
                         grads = grads[1:]
                     for name, g in zip(p, grads[: len(p)]):
                         if g is not None:
@@ -232,8 +235,11 @@ class CanKD(DistillMethod):
 
     name: ClassVar[str] = "cankd"
     default_taps: ClassVar[tuple[str, ...]] = ("stage4",)
-    # chunk_positions: maps with more positions go through chunked_can_loss (0: never)
-    default_hparams: ClassVar[dict[str, float]] = {"mu": 5.0, "chunk_positions": 2048.0}
+    # chunk_positions: maps with more positions go through chunked_can_loss (0: never);
+    # block=0: the ablation without the Can block, IN-MSE between the adapted student map and the teacher's
+    # detach_query=1: the block's query reads the student map detached (ACAM-KD's detach_kv, for CanKD)
+    default_hparams: ClassVar[dict[str, float]] = {"mu": 5.0, "chunk_positions": 2048.0, "block": 1.0,
+                                                   "detach_query": 0.0}
 
     def __init__(
         self,
@@ -245,12 +251,19 @@ class CanKD(DistillMethod):
     ) -> None:
         super().__init__(student_shapes, teacher_shapes, taps, num_classes, **hparams)
         check_chunk_positions(self.hparams, self.name)
+        for flag in ("block", "detach_query"):
+            if self.hparams[flag] not in (0.0, 1.0):
+                raise ConfigError(f"hparam '{flag}' of method 'cankd' must be 0 or 1, got {self.hparams[flag]}")
+        if hparams.get("detach_query") and not self.hparams["block"]:
+            raise ConfigError("hparam 'detach_query' of method 'cankd' acts on the Can block, which block=0 removes; "
+                              "set method.detach_query=0 or method.block=1")
         self.adapter = nn.ModuleDict()
-        self.can = nn.ModuleDict()
+        self.can = nn.ModuleDict()  # empty for the block=0 ablation: no parameter left without a gradient
         for tap in self.taps:
             c_s, c_t = self.student_shapes[tap][1], self.teacher_shapes[tap][1]
             self.adapter[tap] = conv1x1(c_s, c_t, bias=True) if c_s != c_t else nn.Identity()
-            self.can[tap] = CanBlock(c_t)
+            if self.hparams["block"]:
+                self.can[tap] = CanBlock(c_t, detach_query=bool(self.hparams["detach_query"]))
 
     def set_naive(self, naive: bool) -> None:
         """Use the materialising (q kᵀ) v order everywhere (for tests and benchmarks)."""
@@ -264,6 +277,9 @@ class CanKD(DistillMethod):
         for tap in self.taps:
             y_t = self._teacher(teacher_feats, tap)
             y_s = resize_to(self.adapter[tap](student_feats[tap]), y_t)
+            if tap not in self.can:  # block=0
+                terms.append(instance_norm_mse(y_s, y_t))
+                continue
             block, chunk = self.can[tap], int(self.hparams["chunk_positions"])
             if block.training and not block.naive and 0 < chunk < y_t.shape[-2] * y_t.shape[-1]:
                 terms.append(chunked_can_loss(block, y_s, y_t, chunk))

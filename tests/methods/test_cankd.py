@@ -197,3 +197,44 @@ def test_chunked_path_under_bf16_autocast_matches_fp32() -> None:
     assert g_half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), ref, rtol=3e-2, atol=1e-3)
     torch.testing.assert_close(g_half.float(), g_ref, rtol=5e-2, atol=5e-3)
+
+
+def test_block_ablation_is_in_mse_of_the_adapted_student_map() -> None:
+    """block=0 keeps no Can block: the loss is IN-MSE(adapter(F^S), F^T) and differs from the block's once it has learnt."""
+    shapes_s = {"backbone": torch.Size((2, 8, 6, 6))}
+    shapes_t = {"backbone": torch.Size((2, 16, 6, 6))}
+    torch.manual_seed(0)
+    s, t = {"backbone": torch.randn(2, 8, 6, 6)}, {"backbone": torch.randn(2, 16, 6, 6)}
+    ablation = build_method("cankd", shapes_s, shapes_t, NUM_CLASSES, taps=["backbone"], block=0).train()
+    assert len(ablation.can) == 0
+    expected = ((ref_instance_norm(ref_conv1x1(s["backbone"], ablation.adapter["backbone"]))
+                 - ref_instance_norm(t["backbone"])) ** 2).mean()
+    torch.testing.assert_close(ablation(s, t)["can"], expected, **TOL)
+    full = build_method("cankd", shapes_s, shapes_t, NUM_CLASSES, taps=["backbone"]).train()
+    full.adapter.load_state_dict(ablation.adapter.state_dict())
+    randomize(full.can)  # a trained block changes the student's map before the loss
+    assert not torch.allclose(full(s, t)["can"], expected)
+    with pytest.raises(ConfigError, match="'block'.*0 or 1"):
+        build_method("cankd", shapes_s, shapes_t, NUM_CLASSES, taps=["backbone"], block=0.5)
+
+
+@pytest.mark.parametrize("chunk_positions", [0, 20])
+def test_detached_query_sends_the_student_only_the_residual_gradient(chunk_positions: int) -> None:
+    """detach_query=1: same loss; the student map's gradient is ∂L/∂z_s (z_s = branch + y_s), none through θ."""
+    shapes = {"feat": torch.Size((2, 16, 6, 10))}
+    s, t = make_feats(shapes, seed=3, requires_grad=True), make_feats(shapes, seed=4)
+    attached = randomize(build_method("cankd", shapes, shapes, 5, taps=["feat"], chunk_positions=chunk_positions))
+    detached = build_method("cankd", shapes, shapes, 5, taps=["feat"], chunk_positions=chunk_positions,
+                            detach_query=1)
+    detached.load_state_dict(attached.state_dict())
+    loss_a = attached.train()(s, t)["can"]
+    (g_attached,) = torch.autograd.grad(loss_a, s["feat"])
+    loss_d = detached.train()(s, t)["can"]
+    (g_detached,) = torch.autograd.grad(loss_d, s["feat"])
+    torch.testing.assert_close(loss_d, loss_a, rtol=1e-5, atol=1e-6)
+    z = detached.can["feat"](s["feat"].detach(), t["feat"]).detach().requires_grad_()
+    (g_z,) = torch.autograd.grad(F.mse_loss(F.instance_norm(z), F.instance_norm(t["feat"])), z)
+    torch.testing.assert_close(g_detached, g_z, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(g_attached, g_detached, rtol=1e-3, atol=1e-6)  # θ's path carried gradient before
+    with pytest.raises(ConfigError, match="block=0 removes"):
+        build_method("cankd", shapes, shapes, 5, taps=["feat"], block=0, detach_query=1)

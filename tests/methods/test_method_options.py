@@ -57,7 +57,7 @@ def test_centring_on_feature_taps_is_refused_when_asked() -> None:
 
 
 def test_option_of_another_method_names_the_valid_keys() -> None:
-    with pytest.raises(ConfigError, match="'detach_kv'.*Valid: chunk_positions, mu"):
+    with pytest.raises(ConfigError, match="'detach_kv'.*Valid: block, chunk_positions, detach_query, mu"):
         build_method("cankd", STUDENT, TEACHER, NUM_CLASSES, detach_kv=1)
     with pytest.raises(ConfigError, match="must be 0 or 1"):
         build_method("acam", STUDENT, TEACHER, NUM_CLASSES, detach_kv=0.5)
