@@ -121,7 +121,8 @@ class AttnFD(DistillMethod):
 
     name: ClassVar[str] = "attnfd"
     default_taps: ClassVar[tuple[str, ...]] = ("backbone", "encoder", "decoder")
-    default_hparams: ClassVar[dict[str, float]] = {"alpha": 2.0, "adapter_steps": 0.0}
+    # teacher_cbam=0: the target is the teacher's raw map, not its frozen-CBAM-gated one
+    default_hparams: ClassVar[dict[str, float]] = {"alpha": 2.0, "adapter_steps": 0.0, "teacher_cbam": 1.0}
 
     def __init__(
         self,
@@ -135,6 +136,8 @@ class AttnFD(DistillMethod):
         steps = self.hparams["adapter_steps"]
         if steps < 0 or steps != int(steps):
             raise ConfigError(f"hparam 'adapter_steps' of method 'attnfd' must be a whole number >= 0, got {steps}")
+        if self.hparams["teacher_cbam"] not in (0.0, 1.0):
+            raise ConfigError(f"hparam 'teacher_cbam' of method 'attnfd' must be 0 or 1, got {self.hparams['teacher_cbam']}")
         self.student_cbam = nn.ModuleDict()
         self.adapter = nn.ModuleDict()
         self.teacher_cbam = nn.ModuleDict()
@@ -166,7 +169,7 @@ class AttnFD(DistillMethod):
         for tap in self.taps:
             f_t = self._teacher(teacher_feats, tap)
             with torch.no_grad():
-                t_ref = self.teacher_cbam[tap](f_t)
+                t_ref = self.teacher_cbam[tap](f_t) if self.hparams["teacher_cbam"] else f_t
             s_ref = self.refine_student(tap, student_feats[tap], f_t)
             terms.append(normalized_sq_distance(s_ref, t_ref))
         return {"attn": torch.stack(terms).mean()}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcompress.errors import ConfigError
 from kdcompress.methods import build_method
-from kdcompress.methods.attnfd import CBAM, AttnFD
+from kdcompress.methods.attnfd import CBAM, AttnFD, normalized_sq_distance
 from tests.methods.method_conformance import (
     NUM_CLASSES,
     TEACHER,
@@ -105,3 +107,17 @@ def test_teacher_cbams_are_seeded_frozen_and_stay_in_eval() -> None:
     a.train()
     assert a.training and all(not m.training for m in a.teacher_side_modules())
     assert all(m.training for m in a.student_cbam.modules())
+
+
+def test_teacher_cbam_off_targets_the_raw_teacher_map() -> None:
+    """teacher_cbam=0: the same student side against the teacher's map itself, not its gated copy."""
+    gated = build_method("attnfd", TEACHER, TEACHER, NUM_CLASSES).eval()
+    raw = build_method("attnfd", TEACHER, TEACHER, NUM_CLASSES, teacher_cbam=0).eval()
+    raw.load_state_dict(gated.state_dict())
+    s, t = make_feats(TEACHER, seed=1), make_feats(TEACHER, seed=2)
+    expected = torch.stack([normalized_sq_distance(raw.refine_student(tap, s[tap], t[tap]), t[tap])
+                            for tap in raw.taps]).mean()
+    torch.testing.assert_close(raw(s, t)["attn"], expected)
+    assert not torch.allclose(gated(s, t)["attn"], expected)  # the frozen CBAM changes the target
+    with pytest.raises(ConfigError, match="'teacher_cbam'.*0 or 1"):
+        build_method("attnfd", TEACHER, TEACHER, NUM_CLASSES, teacher_cbam=2)
