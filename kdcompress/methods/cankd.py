@@ -14,6 +14,16 @@ side by side in ``benchmarks/efficacy.py``. μ = 5 stays: in the papers' regime 
 ends lower (58.6 against 59.9 on three seeds, ``benchmarks/results/efficacy_cankd_weight_xeon.json``) and μ = 1
 too (seed 0).
 
+What holds CanKD back on that benchmark is the block itself (``benchmarks/feature_probe.py``,
+``benchmarks/results/efficacy_cankd_block_xeon.json``, three seeds): the student's map moves toward the
+teacher's (the teacher's instance-normalised map is predicted linearly from it with R² 0.49, against 0.12 for a
+task-only student) but stops short, because the block bridges part of the gap with image-specific teacher
+content (it changes the map by 75 % of its norm; given another image's keys the loss rises from 0.59 to 0.89).
+The ablation ``block=0`` (IN-MSE between the adapted student map and the teacher's, no block: no longer CanKD)
+reaches R² 0.67 and 64.87 mIoU against 59.94 with the block. ``detach_query=1`` (the student reaches the loss
+only through the residual, as ACAM-KD's detached K/V) lets the block absorb more: 50.91 on seed 0, against 59.48.
+Both stay off: the default is the paper's block.
+
 Large maps (more than ``chunk_positions`` positions, default 2048: FPN P2/P3 of a detection image)
 go through ``chunked_can_loss``: the loss is computed and differentiated in row bands and
 recomputed in backward, so nothing but the student map's gradient is ever held at full size

@@ -1,4 +1,4 @@
-"""Where does CanKD's feature match happen: in the student's map, or inside the Can block?
+"""How far does each method move the student's features toward the teacher's, and what stands in between?
 
 CanKD's loss compares IN(Can(y_s, y_t)) with IN(y_t), and the block reads the teacher's map (its keys and
 values). So a falling loss can mean that the student's map moved toward the teacher's, or that the block
@@ -16,10 +16,14 @@ of that benchmark and on validation images:
   ``loss_shuffled`` (the block given another image's teacher keys/values, scored against the student's own
   image's teacher map: does the block carry image-specific teacher content?), and
   ``branch_ratio`` = ‖block(y_s) − y_s‖ ÷ ‖y_s‖ (how much the block changes the student's map).
+* once: ``attnfd_target_cosine``, the cosine between each image's teacher ``backbone`` map and the copy
+  AttnFD distils toward by default (through the frozen, seeded teacher-side CBAM): how far that gate moves
+  the target away from the teacher's own map.
 
 Reads the runs of ``efficacy.py --recipe digits-full`` (run that first); trains nothing.
 
-    python benchmarks/cankd_probe.py            # rows none kd mse cankd acam:taps=backbone, seeds 0-4
+    python benchmarks/feature_probe.py     # the five-seed rows -> results/feature_probe.json
+    python benchmarks/feature_probe.py --rows cankd cankd:block=0 --seeds 0 1 2 --out results/x.json
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--images", type=int, default=200, help="validation images (half fit, half score)")
     ap.add_argument("--work", type=Path, default=None, help="efficacy cache (default $KDCOMPRESS_CACHE/efficacy)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cankd_probe.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "feature_probe.json")
     args = ap.parse_args()
 
     import torch
@@ -81,6 +85,7 @@ def main() -> None:
     from kdcompress.engine.checkpoint import atomic_write_text, load_model
     from kdcompress.engine.trainer import build_datasets, seed_everything
     from kdcompress.methods import build_method
+    from kdcompress.methods.attnfd import TEACHER_CBAM_SEED, frozen_cbam
     from kdcompress.methods.base import resize_to
     from kdcompress.methods.cankd import instance_norm_mse
     from kdcompress.models import backbone_of, build_model
@@ -112,6 +117,13 @@ def main() -> None:
 
     t_map = feats(teacher)
     t_rows, t_raw = positions(t_map), positions(t_map, normalise=False)
+    with torch.no_grad(), record(teacher, ["backbone"]) as f:
+        t_backbone = torch.cat([(teacher(x), f["backbone"].float())[1] for x in chunks])
+        gated = frozen_cbam(t_backbone.shape[1], TEACHER_CBAM_SEED)(t_backbone)  # AttnFD's first tap
+    cosine = F.cosine_similarity(t_backbone.flatten(1), gated.flatten(1), dim=1)
+    attnfd_cos = {"mean": float(cosine.mean()), "min": float(cosine.min())}
+    print(f"AttnFD's default target against the teacher's backbone map: cosine {attnfd_cos['mean']:.3f} "
+          f"(min {attnfd_cos['min']:.3f})", flush=True)
 
     def r2(s_map: Any, normalise: bool = True) -> float:
         if s_map.shape[-2:] != t_map.shape[-2:]:
@@ -191,8 +203,9 @@ def main() -> None:
         extra = "".join(f"  {k} {t[k]:.3f}" for k in ("loss_block", "loss_no_block", "loss_shuffled", "branch_ratio")
                         if k in t)
         print(f"{t['row']:24s} {100 * t['mIoU']:6.2f} {t['r2']:6.3f} {t['r2_raw']:6.3f}{extra}")
-    out = {"benchmark": "cankd_probe", "recipe": args.recipe, "tap": TAP, "images": len(images),
-           "teacher": tckpt.parent.name, "r2_init": r2_init, "r2_raw_init": r2_raw_init, "table": table, "runs": runs,
+    out = {"benchmark": "feature_probe", "recipe": args.recipe, "tap": TAP, "images": len(images),
+           "teacher": tckpt.parent.name, "r2_init": r2_init, "r2_raw_init": r2_raw_init,
+           "attnfd_target_cosine": attnfd_cos, "table": table, "runs": runs,
            "environment": environment("cpu")}
     atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"saved {args.out}")
