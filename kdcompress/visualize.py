@@ -441,6 +441,10 @@ def attnfd_gates(method: nn.Module, s_feats: Mapping[str, Tensor],
                  t_feats: Mapping[str, Tensor]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{tap: (teacher spatial gate, student spatial gate)}, each H×W in [0, 1] at its own map's size."""
     _check_method(method, "attnfd")
+    off = [flag for flag in ("teacher_cbam", "student_cbam") if not method.hparams[flag]]
+    if off:
+        raise ConfigError(f"this AttnFD run was trained with {', '.join(f'method.{f}=0' for f in off)}: "
+                          f"its loss uses no such gate, so there is none to draw.")
     mods: dict[str, nn.Module] = {}
     for tap in method.taps:
         mods[f"t/{tap}"] = method.teacher_cbam[tap].spatial
@@ -467,6 +471,8 @@ def cankd_affinity(method: nn.Module, s_feats: Mapping[str, Tensor], t_feats: Ma
     Returns (Nh×Nw affinity, the position used)."""
     _check_method(method, "cankd")
     tap = _check_tap(method, tap)
+    if tap not in method.can:
+        raise ConfigError("this CanKD run was trained with method.block=0: it has no Can block, so no affinity to draw.")
     block = method.can[tap]
     got = _capture(method, s_feats, t_feats, {"theta": block.theta, "phi": block.phi})
     theta, phi = got["theta"].float(), got["phi"].float()  # 1×C'×H×W, θ at the teacher's size

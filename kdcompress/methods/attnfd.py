@@ -121,8 +121,10 @@ class AttnFD(DistillMethod):
 
     name: ClassVar[str] = "attnfd"
     default_taps: ClassVar[tuple[str, ...]] = ("backbone", "encoder", "decoder")
-    # teacher_cbam=0: the target is the teacher's raw map, not its frozen-CBAM-gated one
-    default_hparams: ClassVar[dict[str, float]] = {"alpha": 2.0, "adapter_steps": 0.0, "teacher_cbam": 1.0}
+    # teacher_cbam=0: the target is the teacher's raw map, not its frozen-CBAM-gated one;
+    # student_cbam=0: the student's map goes to the adapter ungated (an ablation: no attention left on that side)
+    default_hparams: ClassVar[dict[str, float]] = {"alpha": 2.0, "adapter_steps": 0.0, "teacher_cbam": 1.0,
+                                                   "student_cbam": 1.0}
 
     def __init__(
         self,
@@ -136,14 +138,15 @@ class AttnFD(DistillMethod):
         steps = self.hparams["adapter_steps"]
         if steps < 0 or steps != int(steps):
             raise ConfigError(f"hparam 'adapter_steps' of method 'attnfd' must be a whole number >= 0, got {steps}")
-        if self.hparams["teacher_cbam"] not in (0.0, 1.0):
-            raise ConfigError(f"hparam 'teacher_cbam' of method 'attnfd' must be 0 or 1, got {self.hparams['teacher_cbam']}")
+        for flag in ("teacher_cbam", "student_cbam"):
+            if self.hparams[flag] not in (0.0, 1.0):
+                raise ConfigError(f"hparam '{flag}' of method 'attnfd' must be 0 or 1, got {self.hparams[flag]}")
         self.student_cbam = nn.ModuleDict()
         self.adapter = nn.ModuleDict()
         self.teacher_cbam = nn.ModuleDict()
         for i, tap in enumerate(self.taps):
             c_s, c_t = self.student_shapes[tap][1], self.teacher_shapes[tap][1]
-            self.student_cbam[tap] = CBAM(c_s)
+            self.student_cbam[tap] = CBAM(c_s) if self.hparams["student_cbam"] else nn.Identity()
             self.adapter[tap] = nn.Sequential(conv1x1(c_s, c_t, bias=False), nn.BatchNorm2d(c_t))
             self.teacher_cbam[tap] = frozen_cbam(c_t, TEACHER_CBAM_SEED + i)
 

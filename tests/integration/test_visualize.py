@@ -127,6 +127,16 @@ def test_method_arrays(runs: dict[str, Path]) -> None:
     assert set(gates) == set(mr.taps)
     for tap, (tg, sg) in gates.items():
         assert tg.shape == tuple(t[tap].shape[-2:]) and sg.shape == tuple(s[tap].shape[-2:])
+    from kdcompress.methods import build_method
+
+    shapes = {name: v.shape for name, v in t.items()}
+    for flag in ("teacher_cbam", "student_cbam"):  # ablations whose loss uses no such gate
+        off = build_method("attnfd", shapes, shapes, 11, taps=list(t), **{flag: 0})
+        with pytest.raises(ConfigError, match=f"method.{flag}=0"):
+            attnfd_gates(off, t, t)
+    no_block = build_method("cankd", shapes, shapes, 11, taps=list(t)[:1], block=0)
+    with pytest.raises(ConfigError, match="block=0"):
+        cankd_affinity(no_block, t, t)
 
 
 def test_runs_without_method_state_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:

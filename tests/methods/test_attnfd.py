@@ -10,8 +10,10 @@ from torch import Tensor, nn
 from kdcompress.errors import ConfigError
 from kdcompress.methods import build_method
 from kdcompress.methods.attnfd import CBAM, AttnFD, normalized_sq_distance
+from kdcompress.methods.base import resize_to
 from tests.methods.method_conformance import (
     NUM_CLASSES,
+    STUDENT,
     TEACHER,
     Feats,
     MethodConformance,
@@ -121,3 +123,13 @@ def test_teacher_cbam_off_targets_the_raw_teacher_map() -> None:
     assert not torch.allclose(gated(s, t)["attn"], expected)  # the frozen CBAM changes the target
     with pytest.raises(ConfigError, match="'teacher_cbam'.*0 or 1"):
         build_method("attnfd", TEACHER, TEACHER, NUM_CLASSES, teacher_cbam=2)
+
+
+def test_student_cbam_off_feeds_the_adapter_the_raw_student_map() -> None:
+    """student_cbam=0 (ablation): no student-side gate, so S_j = adapter(F^S_j)."""
+    method = build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES, student_cbam=0).eval()
+    assert not any(isinstance(m, CBAM) for m in method.student_cbam.modules())
+    s, t = make_feats(STUDENT, seed=1), make_feats(TEACHER, seed=2)
+    expected = torch.stack([normalized_sq_distance(resize_to(method.adapter[tap](s[tap]), t[tap]),
+                                                   method.teacher_cbam[tap](t[tap])) for tap in method.taps]).mean()
+    torch.testing.assert_close(method(s, t)["attn"], expected)
