@@ -31,6 +31,13 @@ Differences from the authors' public code, on purpose:
   On that tap at lr 0.003, α = 1 and α = 4 end lower still (55.4 and 52.8 against 56.8 on three seeds,
   ``benchmarks/results/efficacy_attnfd_backbone_xeon.json``), so α = 2 stays; a cool-down over the second half
   ends at 55.9 there.
+* ``teacher_cbam=0`` distils toward the teacher's own map instead of its frozen-CBAM-gated copy (the seeded
+  random gate leaves a cosine of 0.79 on average, 0.60 at worst, between the two on the digits teacher's
+  backbone map, ``benchmarks/feature_probe.py``). On the backbone tap (seeds 0–2,
+  ``benchmarks/results/efficacy_attnfd_backbone_xeon.json``) it ends at 59.1 ± 1.6 against 56.8 ± 3.7: it
+  removes seed 2's collapse (60.8 against 52.6) and costs seed 1 (57.6 against 59.1). Still below logit KD on
+  every seed, and not measured on the default taps, so the default stays the authors' frozen gate.
+  ``student_cbam=0`` (an ablation without the student-side gate) ends lower there: 54.4 ± 3.3.
 * The authors first train only the adapters (one epoch, student frozen), then the student with
   the adapters frozen; ``adapter_steps=N`` does that within the run's schedule (the first N
   steps train the adapters). ``0`` trains both jointly from step 0.
