@@ -37,7 +37,8 @@ Differences from the authors' public code, on purpose:
   ``benchmarks/results/efficacy_attnfd_backbone_xeon.json``) it ends at 59.1 ± 1.6 against 56.8 ± 3.7: it
   removes seed 2's collapse (60.8 against 52.6) and costs seed 1 (57.6 against 59.1). Still below logit KD on
   every seed, and not measured on the default taps, so the default stays the authors' frozen gate.
-  ``student_cbam=0`` (an ablation without the student-side gate) ends lower there: 54.4 ± 3.3.
+  ``student_cbam=0`` (an ablation without the student-side gate) ends lower there: 54.4 ± 3.3; with both
+  gates off, 59.5 ± 2.9. What keeps AttnFD under plain MSE on that tap (65.1) is the loss form, not the gates.
 * The authors first train only the adapters (one epoch, student frozen), then the student with
   the adapters frozen; ``adapter_steps=N`` does that within the run's schedule (the first N
   steps train the adapters). ``0`` trains both jointly from step 0.
