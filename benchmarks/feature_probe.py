@@ -106,19 +106,16 @@ def main() -> None:
     images, _ = task.collate([val_set[i] for i in range(min(args.images, len(val_set)))])
     chunks = images.split(50)  # the validation batch size: BN in the block sees batches as in training
 
-    def feats(model: Any) -> Any:
+    def feats(model: Any, tap: str = TAP) -> Any:
+        """The model's ``tap`` map on every probe image (eval mode)."""
         model.eval()
-        with torch.no_grad(), record(model, [TAP]) as f:
-            out = []
-            for x in chunks:
-                model(x)
-                out.append(f[TAP].float())
-            return torch.cat(out)
+        with torch.no_grad(), record(model, [tap]) as f:
+            return torch.cat([(model(x), f[tap].float())[1] for x in chunks])
 
     t_map = feats(teacher)
     t_rows, t_raw = positions(t_map), positions(t_map, normalise=False)
-    with torch.no_grad(), record(teacher, ["backbone"]) as f:
-        t_backbone = torch.cat([(teacher(x), f["backbone"].float())[1] for x in chunks])
+    t_backbone = feats(teacher, "backbone")
+    with torch.no_grad():
         gated = frozen_cbam(t_backbone.shape[1], TEACHER_CBAM_SEED)(t_backbone)  # AttnFD's first tap
     cosine = F.cosine_similarity(t_backbone.flatten(1), gated.flatten(1), dim=1)
     attnfd_cos = {"mean": float(cosine.mean()), "min": float(cosine.min())}
@@ -167,12 +164,7 @@ def main() -> None:
                                         if k.startswith("method.")})
                 method.train()  # the block's BN on batch statistics, as the loss saw it
                 tap = method.taps[0]
-                s_tap, t_tap = s_map, t_map
-                if tap != TAP:  # a variant on another tap
-                    with torch.no_grad(), record(student, [tap]) as f:
-                        s_tap = torch.cat([(student(x), f[tap].float())[1] for x in chunks])
-                    with torch.no_grad(), record(teacher, [tap]) as f:
-                        t_tap = torch.cat([(teacher(x), f[tap].float())[1] for x in chunks])
+                s_tap, t_tap = (s_map, t_map) if tap == TAP else (feats(student, tap), feats(teacher, tap))
                 block, adapter = method.can[tap] if tap in method.can else None, method.adapter[tap]
                 vals: dict[str, list[float]] = {"loss_no_block": []} if block is None else \
                     {"loss_block": [], "loss_no_block": [], "loss_shuffled": [], "branch_ratio": []}
