@@ -130,9 +130,10 @@ class AttnFD(DistillMethod):
     name: ClassVar[str] = "attnfd"
     default_taps: ClassVar[tuple[str, ...]] = ("backbone", "encoder", "decoder")
     # teacher_cbam=0: the target is the teacher's raw map, not its frozen-CBAM-gated one;
-    # student_cbam=0: the student's map goes to the adapter ungated (an ablation: no attention left on that side)
+    # student_cbam=0: the student's map goes to the adapter ungated (an ablation: no attention left on that side);
+    # adapter_bn=0: the adapter is a 1×1 conv with bias and no BN (FitNet/MSE's adapter; an ablation of the loss form)
     default_hparams: ClassVar[dict[str, float]] = {"alpha": 2.0, "adapter_steps": 0.0, "teacher_cbam": 1.0,
-                                                   "student_cbam": 1.0}
+                                                   "student_cbam": 1.0, "adapter_bn": 1.0}
 
     def __init__(
         self,
@@ -146,7 +147,7 @@ class AttnFD(DistillMethod):
         steps = self.hparams["adapter_steps"]
         if steps < 0 or steps != int(steps):
             raise ConfigError(f"hparam 'adapter_steps' of method 'attnfd' must be a whole number >= 0, got {steps}")
-        for flag in ("teacher_cbam", "student_cbam"):
+        for flag in ("teacher_cbam", "student_cbam", "adapter_bn"):
             if self.hparams[flag] not in (0.0, 1.0):
                 raise ConfigError(f"hparam '{flag}' of method 'attnfd' must be 0 or 1, got {self.hparams[flag]}")
         self.student_cbam = nn.ModuleDict()
@@ -155,7 +156,8 @@ class AttnFD(DistillMethod):
         for i, tap in enumerate(self.taps):
             c_s, c_t = self.student_shapes[tap][1], self.teacher_shapes[tap][1]
             self.student_cbam[tap] = CBAM(c_s) if self.hparams["student_cbam"] else nn.Identity()
-            self.adapter[tap] = nn.Sequential(conv1x1(c_s, c_t, bias=False), nn.BatchNorm2d(c_t))
+            self.adapter[tap] = (nn.Sequential(conv1x1(c_s, c_t, bias=False), nn.BatchNorm2d(c_t))
+                                 if self.hparams["adapter_bn"] else conv1x1(c_s, c_t, bias=True))
             self.teacher_cbam[tap] = frozen_cbam(c_t, TEACHER_CBAM_SEED + i)
 
     def teacher_side_modules(self) -> list[nn.Module]:

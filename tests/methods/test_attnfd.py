@@ -133,3 +133,20 @@ def test_student_cbam_off_feeds_the_adapter_the_raw_student_map() -> None:
     expected = torch.stack([normalized_sq_distance(resize_to(method.adapter[tap](s[tap]), t[tap]),
                                                    method.teacher_cbam[tap](t[tap])) for tap in method.taps]).mean()
     torch.testing.assert_close(method(s, t)["attn"], expected)
+
+
+def test_adapter_bn_off_uses_a_biased_conv_without_batchnorm() -> None:
+    """adapter_bn=0 (loss-form ablation): S_j = conv1×1 with bias, no BN (the adapter of `mse`)."""
+    method = build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES, adapter_bn=0).train()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in method.adapter.modules())
+    s, t = make_feats(STUDENT, seed=1), make_feats(TEACHER, seed=2)
+    loss = method(s, t)["attn"]
+    expected = []
+    for tap in method.taps:
+        conv = method.adapter[tap]
+        s_map = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], method.student_cbam[tap](s[tap]))
+        s_map = resize_to(s_map + conv.bias[None, :, None, None], t[tap])
+        expected.append(normalized_sq_distance(s_map, method.teacher_cbam[tap](t[tap])))
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    with pytest.raises(ConfigError, match="'adapter_bn'.*0 or 1"):
+        build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES, adapter_bn=0.5)
