@@ -228,11 +228,7 @@ def main() -> None:
         r.distill.warmup = row_distill.get("warmup")  # None: the method's own default
         r.distill.cooldown = row_distill.get("cooldown", 0.0)
         r.distill.inherit = row_distill.get("inherit", [])
-        distill_key = asdict(r.distill) | {"teacher_checkpoint": None}
-        if not r.distill.cooldown:  # added after runs were cached: joins the key only when set
-            del distill_key["cooldown"]
-        rkey = json.dumps([asdict(r.data), asdict(r.student), schedule(r, "student"), asdict(r.pretrain),
-                           distill_key, str(tdir), label], sort_keys=True)
+        rkey = run_key(r, str(tdir), label)
         rdir = work / f"{method}-s{seed}-{hashlib.sha256(rkey.encode()).hexdigest()[:12]}"
         cached = rdir / "result.json"
         if cached.is_file():
@@ -326,6 +322,21 @@ def schedule(recipe: Any, role: str) -> dict[str, Any]:
     from kdcompress.config import role_train
 
     return {k: v for k, v in asdict(role_train(recipe, role)).items() if k not in ("log_every",)}
+
+
+def run_key(recipe: Any, teacher_dir: str, label: str) -> str:
+    """What a student run's cache entry depends on: data, student, schedule, pretraining, the distillation
+    config with the method's *resolved* hyperparameters (so a changed default never returns a stale run),
+    the teacher and the row label."""
+    from kdcompress.methods import METHODS
+
+    d = recipe.distill
+    distill_key = asdict(d) | {"teacher_checkpoint": None,
+                               "hparams": METHODS.get(d.method).resolve_hparams(d.hparams)}
+    if not d.cooldown:  # added after runs were cached: joins the key only when set
+        del distill_key["cooldown"]
+    return json.dumps([asdict(recipe.data), asdict(recipe.student), schedule(recipe, "student"),
+                       asdict(recipe.pretrain), distill_key, teacher_dir, label], sort_keys=True)
 
 
 def teacher_key(recipe: Any) -> str:

@@ -51,8 +51,12 @@ def ref_attnfd(method: AttnFD, s: Feats, t: Feats, train: bool) -> Tensor:
     per_stage = []
     for tap in method.taps:
         s_map = ref_cbam(s[tap], method.student_cbam[tap], train)
-        conv, bn = method.adapter[tap][0], method.adapter[tap][1]
-        s_map = ref_bn(torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], s_map), bn, train)
+        if method.hparams["adapter_bn"]:  # the spec's conv + BN
+            conv, bn = method.adapter[tap][0], method.adapter[tap][1]
+            s_map = ref_bn(torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], s_map), bn, train)
+        else:  # the default: conv with bias
+            conv = method.adapter[tap]
+            s_map = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], s_map) + conv.bias[None, :, None, None]
         s_map = F.interpolate(s_map, size=t[tap].shape[-2:], mode="bilinear", align_corners=False)
         t_map = ref_cbam(t[tap], method.teacher_cbam[tap], train=False)
         dists = []
@@ -73,17 +77,25 @@ class TestAttnFD(MethodConformance):
         return {"attn": ref_attnfd(method, s, t, train=method.training)}
 
     def zero_case(self):  # type: ignore[no-untyped-def]
-        # Same widths on both sides, student CBAM = teacher CBAM, identity adapter: the refined
-        # maps differ only by the adapter BN's constant 1/√(1+eps), which normalisation removes.
-        method = build_method("attnfd", TEACHER, TEACHER, NUM_CLASSES)
+        # Same widths on both sides, student CBAM = teacher CBAM, identity adapter: the refined maps are
+        # equal (with the BN adapter they differ only by its constant 1/√(1+eps), which normalisation removes).
+        method = build_method("attnfd", TEACHER, TEACHER, NUM_CLASSES, **self.hparams)
         with torch.no_grad():
             for tap in method.taps:
                 method.student_cbam[tap].load_state_dict(method.teacher_cbam[tap].state_dict())
-                conv = method.adapter[tap][0]
+                conv = method.adapter[tap][0] if self.hparams.get("adapter_bn") else method.adapter[tap]
                 conv.weight.copy_(torch.eye(conv.weight.shape[0])[:, :, None, None])
+                if conv.bias is not None:
+                    conv.bias.zero_()
         method.eval()
         feats = make_feats(TEACHER, seed=5)
         return method, feats, {k: v.clone() for k, v in feats.items()}, ("attn",)
+
+
+class TestAttnFDBNAdapter(TestAttnFD):
+    """The spec's (and the authors') conv + BN adapter, ``adapter_bn=1``."""
+
+    hparams = {"adapter_bn": 1.0}
 
 
 class TestAttnFDOneStage(TestAttnFD):
@@ -105,7 +117,7 @@ def test_teacher_cbams_are_seeded_frozen_and_stay_in_eval() -> None:
             assert torch.equal(pa, pb), name
         assert not any(p.requires_grad for p in a.teacher_cbam[tap].parameters())
     # Student-side parts do follow the global seed.
-    assert not torch.equal(a.adapter["backbone"][0].weight, b.adapter["backbone"][0].weight)
+    assert not torch.equal(a.adapter["backbone"].weight, b.adapter["backbone"].weight)
     a.train()
     assert a.training and all(not m.training for m in a.teacher_side_modules())
     assert all(m.training for m in a.student_cbam.modules())
@@ -135,18 +147,20 @@ def test_student_cbam_off_feeds_the_adapter_the_raw_student_map() -> None:
     torch.testing.assert_close(method(s, t)["attn"], expected)
 
 
-def test_adapter_bn_off_uses_a_biased_conv_without_batchnorm() -> None:
-    """adapter_bn=0 (loss-form ablation): S_j = conv1×1 with bias, no BN (the adapter of `mse`)."""
-    method = build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES, adapter_bn=0).train()
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in method.adapter.modules())
+def test_adapter_is_a_biased_conv_by_default_and_conv_bn_with_adapter_bn() -> None:
+    """Default: S_j = conv1×1 with bias, no BN (the adapter of `mse`); adapter_bn=1: the spec's conv + BN."""
+    plain = build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES).train()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.adapter.modules())
+    assert all(isinstance(m, nn.Conv2d) and m.bias is not None for m in plain.adapter.values())
     s, t = make_feats(STUDENT, seed=1), make_feats(TEACHER, seed=2)
-    loss = method(s, t)["attn"]
     expected = []
-    for tap in method.taps:
-        conv = method.adapter[tap]
-        s_map = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], method.student_cbam[tap](s[tap]))
+    for tap in plain.taps:
+        conv = plain.adapter[tap]
+        s_map = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], plain.student_cbam[tap](s[tap]))
         s_map = resize_to(s_map + conv.bias[None, :, None, None], t[tap])
-        expected.append(normalized_sq_distance(s_map, method.teacher_cbam[tap](t[tap])))
-    torch.testing.assert_close(loss, torch.stack(expected).mean())
+        expected.append(normalized_sq_distance(s_map, plain.teacher_cbam[tap](t[tap])))
+    torch.testing.assert_close(plain(s, t)["attn"], torch.stack(expected).mean())
+    bn = build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES, adapter_bn=1)
+    assert all(isinstance(m[1], nn.BatchNorm2d) and m[0].bias is None for m in bn.adapter.values())
     with pytest.raises(ConfigError, match="'adapter_bn'.*0 or 1"):
         build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES, adapter_bn=0.5)

@@ -95,4 +95,4 @@ def test_empty_taps_and_non_map_taps_are_refused() -> None:
 
 def test_hparams_override_defaults_and_are_kept() -> None:
     method = build_method("attnfd", STUDENT, TEACHER, NUM_CLASSES, alpha=10)
-    assert method.hparams == {"alpha": 10.0, "adapter_steps": 0.0, "teacher_cbam": 1.0, "student_cbam": 1.0, "adapter_bn": 1.0} and method.loss_weights() == {"attn": 10.0}
+    assert method.hparams == {"alpha": 10.0, "adapter_steps": 0.0, "teacher_cbam": 1.0, "student_cbam": 1.0, "adapter_bn": 0.0} and method.loss_weights() == {"attn": 10.0}

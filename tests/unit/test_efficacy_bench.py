@@ -79,3 +79,16 @@ def test_teacher_key_ignores_the_validation_cadence_only() -> None:
     assert efficacy.teacher_key(load_recipe("digits", ["teacher.train.val_every=75"])) == base
     assert efficacy.teacher_key(load_recipe("digits", ["teacher.train.val_every=10"])) == base
     assert efficacy.teacher_key(load_recipe("digits", ["teacher.train.steps=999"])) != base
+
+
+def test_run_key_follows_the_methods_resolved_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached run is found again for the same row, but not after the method's default changes under it."""
+    from kdcompress.config import load_recipe
+    from kdcompress.methods import METHODS
+
+    r = load_recipe("digits-full", ["distill.method=attnfd"])
+    key = efficacy.run_key(r, "t", "attnfd")
+    assert efficacy.run_key(load_recipe("digits-full", ["distill.method=attnfd"]), "t", "attnfd") == key
+    cls = METHODS.get("attnfd")
+    monkeypatch.setattr(cls, "default_hparams", cls.default_hparams | {"adapter_bn": 1.0 - cls.default_hparams["adapter_bn"]})
+    assert efficacy.run_key(r, "t", "attnfd") != key
