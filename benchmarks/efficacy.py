@@ -52,8 +52,8 @@ OUT_NAMES = {"digits-full": "efficacy.json", "digits": "efficacy_demo.json"}
 
 
 # Rows on every seed besides the defaults: the attention methods on the backbone tap alone (in the papers' regime
-# their default taps, AttnFD's backbone + encoder + decoder and ACAM-KD's logits, ended below `none` at pretraining
-# lr 0.01) and plain MSE on CanKD's stage4 tap, the best row at lr 0.01 and tied with ACAM-KD on the backbone at 0.003.
+# their default taps, AttnFD's backbone + encoder + decoder (with its former BN adapter) and ACAM-KD's logits, ended
+# below `none` at pretraining lr 0.01) and plain MSE on CanKD's stage4 tap, the best row at lr 0.01 and tied with ACAM-KD on the backbone at 0.003.
 TAP_ROWS = ["attnfd:taps=backbone", "acam:taps=backbone", "mse:taps=stage4"]
 # The variants that measure each fix of issue 10 (by default on the first seed; rows on all seeds with --methods).
 VARIANTS = [
