@@ -494,7 +494,14 @@ def _train(recipe: Recipe, role: str, out_dir: str | Path, *, resume: bool, forc
         if int(state["step"]) > total:
             raise KdError(f"'{out_dir}' is at step {state['step']}, beyond the requested {total} steps. "
                           f"Pass --steps >= {state['step']} to resume it.")
-        task.load_state_dict(state["task"])
+        try:
+            task.load_state_dict(state["task"])
+        except RuntimeError as e:  # same settings, other modules: a method default changed between versions
+            first = (str(e).split("\n")[1] if "\n" in str(e) else str(e)).strip()
+            first = first if len(first) <= 160 else first[:157] + "..."
+            raise KdError(f"'{out_dir / STATE_FILE}' does not fit the {method_name} run built from today's settings "
+                          f"({first}): a default of the method changed since it was written. Resume with the "
+                          f"kdcompress version that wrote it, or start a new run with --force.") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

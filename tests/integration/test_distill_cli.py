@@ -194,3 +194,23 @@ def test_distill_inherit_starts_head_from_teacher(teacher: tuple[Path, Path], tm
     bad = run_cli(capsys, "distill", "-r", recipe, "--teacher", ckpt, "--student", "mbv2", "--method", "acam",
                   "--out", tmp_path / "bad", "--steps", "1", "--no-progress", "--set", "distill.inherit=[neck]")
     assert bad.code == 2 and "no student weight under these prefixes" in bad.err and not (tmp_path / "bad").exists()
+
+
+def test_resume_after_a_method_default_changed_is_one_line(teacher: tuple[Path, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run written under AttnFD's former BN adapter, resumed with the same options after the default moved:
+    its method modules no longer fit, which is said in one line, and the run's files stay as they were."""
+    recipe, ckpt = teacher
+    out = tmp_path / "run"
+    args = ["distill", "-r", recipe, "-t", ckpt, "-s", "mbv2", "--method", "attnfd", "--out", out, "--no-progress"]
+    cls = METHODS.get("attnfd")
+    monkeypatch.setattr(cls, "default_hparams", cls.default_hparams | {"adapter_bn": 1.0})
+    assert run_cli(capsys, *args, "--steps", "1").code == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    monkeypatch.setattr(cls, "default_hparams", cls.default_hparams | {"adapter_bn": 0.0})
+    res = run_cli(capsys, *args, "--steps", "2", "--resume")
+    assert res.code == 2 and "a default of the method changed" in res.err and "--force" in res.err
+    assert "Traceback (most recent call last)" not in res.err
+    assert "a default of the method changed" in res.err.strip().splitlines()[0]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
